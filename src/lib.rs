@@ -1,0 +1,2 @@
+//! A Pastry distributed hash table (Rowstron and Druschel, 2001).
+pub mod utils;

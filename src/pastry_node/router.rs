@@ -230,7 +230,7 @@ mod tests {
         assert_eq!(
             r,
             Route::Forward {
-                next: n("35"),
+                next: n("2f"),
                 via: Via::RareCase
             }
         );

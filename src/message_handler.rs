@@ -1,0 +1,751 @@
+//! The messages nodes and clients exchange, and what a node does with each.
+//!
+//! Wire format: one JSON object per line, tagged by `"type"`. Clients and nodes use
+//! the same port and framing. A line is decoded once, here, into a [`Request`]; the
+//! node answers with exactly one [`Reply`]. Any request may carry an `"id"` (any
+//! JSON value), which is echoed in the reply.
+//!
+//! How a routed request travels (recursive routing, as the paper describes it):
+//! 1. A client sends `put`, `get`, `delete` or `route` to any node; a new node sends
+//!    `join` to its bootstrap. That node handles it at hop 0.
+//! 2. The node asks its routing state ([`RoutingState::route`]) where the key goes.
+//!    If it is the root, it performs the operation ([`deliver`]).
+//! 3. Otherwise it sends `{"type":"forward","hops":h+1,"op":...}` to the next hop,
+//!    waits for that node's reply and relays it back, adding itself to a `route`'s
+//!    path and its routing-table rows to a `join`'s reply on the way.
+//! 4. If the next hop does not answer, it is reported to the maintenance thread and
+//!    the message is routed around it at this hop.
+//!
+//! [`handle`] is the one entry point. It is the same whether the request came over
+//! TCP or from the in-process simulator: only the [`Transport`] differs.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::pastry_node::router::Route;
+use crate::pastry_node::transport::Transport;
+use crate::pastry_node::Node;
+use crate::utils::{NodeId, NodeInfo, MAX_HOPS};
+
+/// JSON-RPC 2.0 error codes, as the client protocol promises.
+pub mod code {
+    /// The line is not valid JSON.
+    pub const PARSE_ERROR: i64 = -32700;
+    /// Valid JSON, but not an object with a string `type`.
+    pub const INVALID_REQUEST: i64 = -32600;
+    /// `type` names no known request.
+    pub const UNKNOWN_TYPE: i64 = -32601;
+    /// A field is missing or of the wrong type.
+    pub const INVALID_PARAMS: i64 = -32602;
+    /// No node could be reached to route the request on.
+    pub const PEER_UNAVAILABLE: i64 = -32001;
+    /// The message was forwarded more than `MAX_HOPS` times.
+    pub const HOP_CAP: i64 = -32002;
+    /// The line is longer than the node accepts; the connection is then closed.
+    pub const LINE_TOO_LONG: i64 = -32003;
+    /// A node entry in a node-to-node message is not genuine.
+    pub const BAD_NODE: i64 = -32004;
+}
+
+/// An operation routed to the root of a key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Op {
+    Put {
+        key: String,
+        value: Value,
+    },
+    Get {
+        key: String,
+    },
+    Delete {
+        key: String,
+    },
+    Route {
+        key: String,
+    },
+    /// A new node asks to be routed to its own id, collecting state on the way.
+    Join {
+        node: NodeInfo,
+    },
+}
+
+impl Op {
+    /// The id the operation is routed toward.
+    pub fn key_id(&self) -> NodeId {
+        match self {
+            Op::Put { key, .. } | Op::Get { key } | Op::Delete { key } | Op::Route { key } => {
+                NodeId::for_key(key)
+            }
+            Op::Join { node } => node.node_id,
+        }
+    }
+}
+
+/// Everything a node accepts on its port.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    // Client requests.
+    Ping,
+    Help,
+    #[serde(alias = "store")]
+    Put {
+        key: String,
+        value: Value,
+    },
+    #[serde(alias = "lookup")]
+    Get {
+        key: String,
+    },
+    Delete {
+        key: String,
+    },
+    Route {
+        key: String,
+    },
+    Status,
+    Stats,
+    // Node-to-node requests.
+    /// Sent by a new node to its bootstrap: route me to my own id.
+    Join {
+        node: NodeInfo,
+    },
+    /// A routed operation, `hops` node-to-node forwards from where it entered.
+    Forward {
+        hops: u32,
+        op: Op,
+    },
+    /// "I exist, and you may want me in your state; what is your leaf set?" Sent by a
+    /// new node to everyone in its state, and periodically to leaf-set members.
+    Announce {
+        node: NodeInfo,
+    },
+}
+
+/// Every request type, as the `unknown type` error lists them.
+pub const REQUEST_TYPES: &[&str] = &[
+    "ping", "help", "put", "store", "get", "lookup", "delete", "route", "status", "stats", "join",
+    "forward", "announce",
+];
+
+impl Request {
+    /// The name counted in `stats`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Ping => "ping",
+            Request::Help => "help",
+            Request::Put { .. } => "put",
+            Request::Get { .. } => "get",
+            Request::Delete { .. } => "delete",
+            Request::Route { .. } => "route",
+            Request::Status => "status",
+            Request::Stats => "stats",
+            Request::Join { .. } => "join",
+            Request::Forward { .. } => "forward",
+            Request::Announce { .. } => "announce",
+        }
+    }
+}
+
+/// A leaf set as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LeafSetView {
+    pub smaller: Vec<NodeInfo>,
+    pub larger: Vec<NodeInfo>,
+}
+
+/// One routing-table entry as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TableEntryView {
+    pub row: usize,
+    pub col: usize,
+    pub node_id: NodeId,
+    pub addr: std::net::SocketAddr,
+    /// Measured proximity (round-trip microseconds), if measured.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub proximity: Option<u64>,
+}
+
+/// One neighborhood-set member as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NeighborView {
+    pub node_id: NodeId,
+    pub addr: std::net::SocketAddr,
+    pub proximity: u64,
+}
+
+/// One command as `help` describes it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CommandHelp {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub fields: Vec<String>,
+    pub description: String,
+}
+
+/// Every reply a node sends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    Pong {
+        node_id: NodeId,
+        addr: std::net::SocketAddr,
+    },
+    Help {
+        commands: Vec<CommandHelp>,
+    },
+    PutOk {
+        key: String,
+        key_id: NodeId,
+        owner: NodeId,
+        hops: u32,
+    },
+    Value {
+        key: String,
+        value: Value,
+        owner: NodeId,
+        hops: u32,
+    },
+    NotFound {
+        key: String,
+        owner: NodeId,
+        hops: u32,
+    },
+    Deleted {
+        key: String,
+        existed: bool,
+        owner: NodeId,
+        hops: u32,
+    },
+    Route {
+        key: String,
+        key_id: NodeId,
+        path: Vec<NodeInfo>,
+        owner: NodeId,
+        hops: u32,
+    },
+    Status {
+        node_id: NodeId,
+        addr: std::net::SocketAddr,
+        leaf_set: LeafSetView,
+        routing_table: Vec<TableEntryView>,
+        neighborhood: Vec<NeighborView>,
+        keys: usize,
+    },
+    Stats {
+        node_id: NodeId,
+        messages: std::collections::BTreeMap<String, u64>,
+        forwards: u64,
+        errors: u64,
+        keys: usize,
+        connections_open: u64,
+        peers_failed: u64,
+        uptime_ms: u64,
+    },
+    /// The reply to `join`: what the nodes on the route contributed.
+    Joined {
+        /// The node numerically closest to the new node's id.
+        root: NodeInfo,
+        /// The nodes the join passed, bootstrap first.
+        path: Vec<NodeInfo>,
+        /// Routing-table entries contributed by the nodes on the path.
+        rows: Vec<NodeInfo>,
+        /// The root's leaf set.
+        leaf_set: Vec<NodeInfo>,
+        /// The bootstrap's neighborhood set.
+        neighborhood: Vec<NodeInfo>,
+        hops: u32,
+    },
+    /// The reply to `announce`: the answering node's leaf set.
+    LeafSet {
+        node: NodeInfo,
+        leaf_set: Vec<NodeInfo>,
+    },
+    Error {
+        code: i64,
+        message: String,
+    },
+}
+
+impl Reply {
+    pub fn error(code: i64, message: impl Into<String>) -> Reply {
+        Reply::Error {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A decoded line: the request and the client's `id`, to echo.
+#[derive(Debug)]
+pub struct Envelope {
+    pub id: Option<Value>,
+    pub request: Request,
+}
+
+/// A line that is not a valid request: what to answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    /// The client's `id`, when one could be read.
+    pub id: Option<Value>,
+    pub code: i64,
+    pub message: String,
+}
+
+impl Rejection {
+    pub fn reply(&self) -> Reply {
+        Reply::error(self.code, self.message.clone())
+    }
+}
+
+/// Decodes one line (without its terminator). On failure, says what to answer.
+pub fn decode(line: &[u8]) -> Result<Envelope, Rejection> {
+    let reject = |id: Option<Value>, code: i64, message: String| Rejection { id, code, message };
+    let value: Value = serde_json::from_slice(line).map_err(|e| {
+        reject(
+            None,
+            code::PARSE_ERROR,
+            format!(
+                "malformed JSON ({e}); send one JSON object per line, e.g. {{\"type\":\"ping\"}}"
+            ),
+        )
+    })?;
+    let Value::Object(mut obj) = value else {
+        return Err(reject(
+            None,
+            code::INVALID_REQUEST,
+            "a request is a JSON object with a \"type\" field, e.g. {\"type\":\"ping\"}".into(),
+        ));
+    };
+    let id = obj.remove("id");
+    let kind = match obj.get("type") {
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => {
+            return Err(reject(
+                id,
+                code::INVALID_REQUEST,
+                "\"type\" must be a string".into(),
+            ))
+        }
+        None => {
+            return Err(reject(
+                id,
+                code::INVALID_REQUEST,
+                "missing \"type\"; send {\"type\":\"help\"} for the list of requests".into(),
+            ))
+        }
+    };
+    if !REQUEST_TYPES.contains(&kind.as_str()) {
+        return Err(reject(
+            id,
+            code::UNKNOWN_TYPE,
+            format!(
+                "unknown type {kind:?}; valid types: {}",
+                REQUEST_TYPES.join(", ")
+            ),
+        ));
+    }
+    match serde_json::from_value::<Request>(Value::Object(obj)) {
+        Ok(request) => match validate(&request) {
+            Ok(()) => Ok(Envelope { id, request }),
+            Err((code, message)) => Err(reject(id, code, message)),
+        },
+        Err(e) => Err(reject(
+            id,
+            code::INVALID_PARAMS,
+            format!("invalid {kind:?} request: {e}; send {{\"type\":\"help\"}} for every request's fields"),
+        )),
+    }
+}
+
+/// Checks what serde cannot: non-empty keys, genuine node entries, the hop cap.
+fn validate(request: &Request) -> Result<(), (i64, String)> {
+    let check_key = |key: &str| {
+        if key.is_empty() {
+            Err((
+                code::INVALID_PARAMS,
+                "\"key\" must be a non-empty string".to_string(),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    let check_node = |node: &NodeInfo| {
+        if node.is_genuine() {
+            Ok(())
+        } else {
+            Err((
+                code::BAD_NODE,
+                format!(
+                    "node {} at {} is not genuine: a node's id must be SHA-1 of its \"ip:port\"",
+                    node.node_id, node.addr
+                ),
+            ))
+        }
+    };
+    match request {
+        Request::Put { key, .. }
+        | Request::Get { key }
+        | Request::Delete { key }
+        | Request::Route { key } => check_key(key),
+        Request::Join { node } | Request::Announce { node } => check_node(node),
+        Request::Forward { hops, op } => {
+            if *hops > MAX_HOPS {
+                return Err((code::HOP_CAP, hop_cap_message()));
+            }
+            match op {
+                Op::Put { key, .. } | Op::Get { key } | Op::Delete { key } | Op::Route { key } => {
+                    check_key(key)
+                }
+                Op::Join { node } => check_node(node),
+            }
+        }
+        Request::Ping | Request::Help | Request::Status | Request::Stats => Ok(()),
+    }
+}
+
+fn hop_cap_message() -> String {
+    format!("hop cap reached: a message may be forwarded at most {MAX_HOPS} times")
+}
+
+/// Encodes a reply as one line, `\n` included, echoing the client's `id`.
+pub fn encode(reply: &Reply, id: Option<Value>) -> Vec<u8> {
+    let mut out = match (id, serde_json::to_value(reply)) {
+        (Some(id), Ok(Value::Object(mut obj))) => {
+            obj.insert("id".to_string(), id);
+            serde_json::to_vec(&Value::Object(obj))
+        }
+        _ => serde_json::to_vec(reply),
+    }
+    .unwrap_or_else(|e| {
+        format!("{{\"type\":\"error\",\"code\":-32000,\"message\":\"cannot encode reply: {e}\"}}")
+            .into_bytes()
+    });
+    out.push(b'\n');
+    out
+}
+
+/// Handles one request at `node`, using `transport` to reach other nodes.
+pub fn handle(node: &Node, request: Request, transport: &dyn Transport) -> Reply {
+    node.count_message(request.kind());
+    let reply = match request {
+        Request::Ping => Reply::Pong {
+            node_id: node.own().node_id,
+            addr: node.own().addr,
+        },
+        Request::Help => Reply::Help { commands: help() },
+        Request::Put { key, value } => route_op(node, Op::Put { key, value }, 0, transport),
+        Request::Get { key } => route_op(node, Op::Get { key }, 0, transport),
+        Request::Delete { key } => route_op(node, Op::Delete { key }, 0, transport),
+        Request::Route { key } => route_op(node, Op::Route { key }, 0, transport),
+        Request::Join { node: joiner } => route_op(node, Op::Join { node: joiner }, 0, transport),
+        Request::Forward { hops, op } => route_op(node, op, hops, transport),
+        Request::Status => node.status(),
+        Request::Stats => node.stats(),
+        Request::Announce { node: from } => {
+            node.learn(from, None);
+            Reply::LeafSet {
+                node: node.own(),
+                leaf_set: node.leaf_set_members(),
+            }
+        }
+    };
+    if matches!(reply, Reply::Error { .. }) {
+        node.count_error();
+    }
+    reply
+}
+
+/// How many next hops a message may find dead at one node before it gives up.
+const MAX_RETRIES_PER_HOP: usize = 4;
+
+/// Routes `op` from `node`, where it arrived after `hops` forwards.
+fn route_op(node: &Node, op: Op, hops: u32, transport: &dyn Transport) -> Reply {
+    if hops > MAX_HOPS {
+        return Reply::error(code::HOP_CAP, hop_cap_message());
+    }
+    let key_id = op.key_id();
+    // A joining node may be in our state from an earlier life; never route its own
+    // join to it.
+    let joiner = match &op {
+        Op::Join { node } => Some(node.node_id),
+        _ => None,
+    };
+    let mut dead: Vec<NodeId> = Vec::new();
+    loop {
+        let decision = node.route(&key_id, |id| dead.contains(id) || Some(*id) == joiner);
+        let next = match decision {
+            Route::Deliver => return deliver(node, op, hops),
+            Route::Forward { next, .. } => next,
+        };
+        node.count_forward();
+        let forward = Request::Forward {
+            hops: hops + 1,
+            op: op.clone(),
+        };
+        match transport.call(&next, &forward) {
+            Ok(reply) => return relay(node, &op, hops, reply),
+            Err(_) => {
+                // Route around the silent node at this hop; maintenance decides
+                // whether it is dead.
+                node.suspect(next);
+                dead.push(next.node_id);
+                if dead.len() >= MAX_RETRIES_PER_HOP {
+                    return Reply::error(
+                        code::PEER_UNAVAILABLE,
+                        format!(
+                            "peer unavailable: {} next hops toward {} did not answer",
+                            dead.len(),
+                            key_id
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Adds what this node contributes to a reply coming back along the route.
+fn relay(node: &Node, op: &Op, hops: u32, reply: Reply) -> Reply {
+    match (op, reply) {
+        (
+            Op::Route { .. },
+            Reply::Route {
+                key,
+                key_id,
+                mut path,
+                owner,
+                hops: h,
+            },
+        ) => {
+            path.insert(0, node.own());
+            Reply::Route {
+                key,
+                key_id,
+                path,
+                owner,
+                hops: h,
+            }
+        }
+        (
+            Op::Join { node: joiner },
+            Reply::Joined {
+                root,
+                mut path,
+                mut rows,
+                leaf_set,
+                mut neighborhood,
+                hops: h,
+            },
+        ) => {
+            path.insert(0, node.own());
+            rows.extend(node.rows_for(&joiner.node_id));
+            if hops == 0 {
+                neighborhood = node.neighborhood_members();
+            }
+            Reply::Joined {
+                root,
+                path,
+                rows,
+                leaf_set,
+                neighborhood,
+                hops: h,
+            }
+        }
+        (_, reply) => reply,
+    }
+}
+
+/// Performs `op` at its root, this node.
+fn deliver(node: &Node, op: Op, hops: u32) -> Reply {
+    let owner = node.own().node_id;
+    match op {
+        Op::Put { key, value } => {
+            node.store_put(&key, value);
+            Reply::PutOk {
+                key_id: NodeId::for_key(&key),
+                key,
+                owner,
+                hops,
+            }
+        }
+        Op::Get { key } => match node.store_get(&key) {
+            Some(value) => Reply::Value {
+                key,
+                value,
+                owner,
+                hops,
+            },
+            None => Reply::NotFound { key, owner, hops },
+        },
+        Op::Delete { key } => Reply::Deleted {
+            existed: node.store_delete(&key),
+            key,
+            owner,
+            hops,
+        },
+        Op::Route { key } => Reply::Route {
+            key_id: NodeId::for_key(&key),
+            key,
+            path: vec![node.own()],
+            owner,
+            hops,
+        },
+        Op::Join { node: joiner } => Reply::Joined {
+            root: node.own(),
+            path: vec![node.own()],
+            rows: node.rows_for(&joiner.node_id),
+            leaf_set: node.leaf_set_members(),
+            neighborhood: if hops == 0 {
+                node.neighborhood_members()
+            } else {
+                Vec::new()
+            },
+            hops,
+        },
+    }
+}
+
+/// What `help` says: every client command with its fields.
+fn help() -> Vec<CommandHelp> {
+    let c = |kind: &str, fields: &[&str], description: &str| CommandHelp {
+        kind: kind.to_string(),
+        fields: fields.iter().map(|s| s.to_string()).collect(),
+        description: description.to_string(),
+    };
+    vec![
+        c(
+            "ping",
+            &[],
+            "Is this node alive? Answers with its id and address.",
+        ),
+        c("help", &[], "This list."),
+        c(
+            "put",
+            &["key: non-empty string", "value: any JSON value"],
+            "Store value under key on the key's root node (alias: store).",
+        ),
+        c(
+            "get",
+            &["key: non-empty string"],
+            "Look key up on its root node (alias: lookup).",
+        ),
+        c(
+            "delete",
+            &["key: non-empty string"],
+            "Delete key on its root node; says whether it existed.",
+        ),
+        c(
+            "route",
+            &["key: non-empty string"],
+            "The nodes a message for key passes, in order, and its owner.",
+        ),
+        c(
+            "status",
+            &[],
+            "This node's leaf set, routing table, neighborhood set and key count.",
+        ),
+        c(
+            "stats",
+            &[],
+            "Counters: messages by type, forwards, errors, keys, connections, uptime.",
+        ),
+    ]
+}
+
+/// Parses the `"id"` echo out of an arbitrary reply line; for clients and tests.
+pub fn reply_id(line: &str) -> Option<Value> {
+    serde_json::from_str::<Map<String, Value>>(line)
+        .ok()
+        .and_then(|mut m| m.remove("id"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err_code(line: &str) -> i64 {
+        match decode(line.as_bytes()) {
+            Err(r) => r.code,
+            other => panic!("{line}: expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn error_codes_for_bad_lines() {
+        let cases = [
+            ("{", code::PARSE_ERROR),
+            ("not json", code::PARSE_ERROR),
+            ("[1,2]", code::INVALID_REQUEST),
+            ("\"ping\"", code::INVALID_REQUEST),
+            ("{}", code::INVALID_REQUEST),
+            ("{\"type\":5}", code::INVALID_REQUEST),
+            ("{\"type\":\"fly\"}", code::UNKNOWN_TYPE),
+            ("{\"type\":\"put\",\"key\":\"a\"}", code::INVALID_PARAMS),
+            ("{\"type\":\"put\",\"key\":5,\"value\":1}", code::INVALID_PARAMS),
+            ("{\"type\":\"get\",\"key\":\"\"}", code::INVALID_PARAMS),
+            ("{\"type\":\"get\"}", code::INVALID_PARAMS),
+            (
+                "{\"type\":\"forward\",\"hops\":-1,\"op\":{\"type\":\"get\",\"key\":\"a\"}}",
+                code::INVALID_PARAMS,
+            ),
+            (
+                "{\"type\":\"forward\",\"hops\":65,\"op\":{\"type\":\"get\",\"key\":\"a\"}}",
+                code::HOP_CAP,
+            ),
+            (
+                "{\"type\":\"announce\",\"node\":{\"node_id\":\"0000000000000000000000000000000000000000\",\"addr\":\"127.0.0.1:9\"}}",
+                code::BAD_NODE,
+            ),
+            (
+                "{\"type\":\"announce\",\"node\":{\"node_id\":\"ABC\",\"addr\":\"127.0.0.1:9\"}}",
+                code::INVALID_PARAMS,
+            ),
+        ];
+        for (line, want) in cases {
+            assert_eq!(err_code(line), want, "{line}");
+        }
+    }
+
+    #[test]
+    fn aliases_and_id_echo() {
+        let e = decode(br#"{"type":"store","key":"k","value":[1],"id":7}"#).unwrap();
+        assert_eq!(
+            e.request,
+            Request::Put {
+                key: "k".into(),
+                value: serde_json::json!([1])
+            }
+        );
+        assert_eq!(e.id, Some(serde_json::json!(7)));
+        let e = decode(br#"{"type":"lookup","key":"k"}"#).unwrap();
+        assert_eq!(e.request, Request::Get { key: "k".into() });
+        let line = encode(&Reply::error(1, "x"), Some(serde_json::json!("abc")));
+        let text = String::from_utf8(line).unwrap();
+        assert!(text.ends_with('\n'));
+        assert_eq!(reply_id(&text), Some(serde_json::json!("abc")));
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let addr = "127.0.0.1:4000".parse().unwrap();
+        let reqs = [
+            Request::Ping,
+            Request::Join {
+                node: NodeInfo::new(addr),
+            },
+            Request::Forward {
+                hops: 3,
+                op: Op::Put {
+                    key: "k".into(),
+                    value: serde_json::json!({"a": null}),
+                },
+            },
+        ];
+        for r in reqs {
+            let line = serde_json::to_vec(&r).unwrap();
+            assert_eq!(decode(&line).unwrap().request, r);
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Joining: how a new node X enters the network through a node A it knows.
+//!
+//! The paper's procedure, as [`join`] carries it out:
+//! 1. X asks A to route a `join` message with key = X's id.
+//! 2. The message travels to Z, the live node numerically closest to X. Every node
+//!    on the path contributes routing-table rows (the i-th node's row i is the one
+//!    the paper names; each here sends every row whose prefix X shares, which gives
+//!    X more choice at no extra message); Z contributes its leaf set; A, assumed near
+//!    X, contributes its neighborhood set.
+//! 3. X measures its proximity to every node it was told of and inserts them all
+//!    into its own L, R and M, keeping the nearest where several fit.
+//! 4. X announces itself to every node in its new state. Each answers with its
+//!    leaf set, from which X learns any node it still lacked; X announces itself to
+//!    those too ([`announce`]). This is how nodes that join at the same time, and
+//!    so missed each other in step 2, find each other.
+//!
+//! Deviation: MSPastry's consistent join (X accepts deliveries only once its leaf
+//! set has confirmed it) is not implemented yet: X answers as root as soon as its
+//! state is built.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+
+use super::transport::{Transport, TransportError};
+use super::Node;
+use crate::message_handler::{Reply, Request};
+use crate::utils::{NodeId, NodeInfo};
+
+/// What a join did, for logs and the demo.
+#[derive(Clone, Debug)]
+pub struct JoinReport {
+    /// The node numerically closest to our id when we joined.
+    pub root: NodeInfo,
+    /// The nodes the join message passed, bootstrap first.
+    pub path: Vec<NodeInfo>,
+    /// Node-to-node forwards of the join message.
+    pub hops: u32,
+    /// Nodes we were told about.
+    pub learned: usize,
+    /// Messages we sent: the join, proximity probes and announcements.
+    pub messages: usize,
+}
+
+/// Why a join failed.
+#[derive(Debug)]
+pub enum JoinError {
+    /// The bootstrap node could not be reached.
+    Unreachable(SocketAddr, TransportError),
+    /// The network answered with an error.
+    Refused(SocketAddr, String),
+}
+
+impl fmt::Display for JoinError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JoinError::Unreachable(addr, e) => write!(f, "cannot join through {addr}: {e}"),
+            JoinError::Refused(addr, m) => write!(f, "cannot join through {addr}: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for JoinError {}
+
+/// Joins the network of the node at `bootstrap`.
+pub fn join(
+    node: &Node,
+    bootstrap: SocketAddr,
+    transport: &dyn Transport,
+) -> Result<JoinReport, JoinError> {
+    let me = node.own();
+    let boot = NodeInfo::new(bootstrap);
+    if boot.node_id == me.node_id {
+        return Err(JoinError::Refused(
+            bootstrap,
+            "that is this node's own address".into(),
+        ));
+    }
+    let reply = transport
+        .call(&boot, &Request::Join { node: me })
+        .map_err(|e| JoinError::Unreachable(bootstrap, e))?;
+    let (root, path, rows, leaf_set, neighborhood, hops) = match reply {
+        Reply::Joined {
+            root,
+            path,
+            rows,
+            leaf_set,
+            neighborhood,
+            hops,
+        } => (root, path, rows, leaf_set, neighborhood, hops),
+        Reply::Error { message, .. } => return Err(JoinError::Refused(bootstrap, message)),
+        other => {
+            return Err(JoinError::Refused(
+                bootstrap,
+                format!("unexpected reply to join: {other:?}"),
+            ))
+        }
+    };
+    let mut seen: HashSet<NodeId> = HashSet::new();
+    let candidates: Vec<NodeInfo> = std::iter::once(boot)
+        .chain(path.iter().copied())
+        .chain(std::iter::once(root))
+        .chain(leaf_set)
+        .chain(rows)
+        .chain(neighborhood)
+        .filter(|n| n.node_id != me.node_id && n.is_genuine() && seen.insert(n.node_id))
+        .collect();
+    let mut messages = 1;
+    for c in &candidates {
+        messages += 1;
+        match transport.proximity(c) {
+            Ok(p) => {
+                node.learn(*c, Some(p));
+            }
+            Err(_) => node.suspect(*c),
+        }
+    }
+    messages += announce(node, transport, node.known_nodes());
+    log::info!(
+        "joined through {bootstrap} in {hops} hops: id {}, leaf set {}, routing table {} entries",
+        me.node_id,
+        node.leaf_set_members().len(),
+        node.snapshot().routing_table.len()
+    );
+    Ok(JoinReport {
+        root,
+        path,
+        hops,
+        learned: candidates.len(),
+        messages,
+    })
+}
+
+/// Announces this node to each of `targets` and learns from their leaf sets; nodes
+/// that thereby enter our leaf set are announced to in turn. Returns the number of
+/// announcements sent.
+pub fn announce(node: &Node, transport: &dyn Transport, targets: Vec<NodeInfo>) -> usize {
+    let me = node.own();
+    let mut done: HashSet<NodeId> = HashSet::new();
+    let mut work = targets;
+    let mut sent = 0;
+    while let Some(target) = work.pop() {
+        if target.node_id == me.node_id || !done.insert(target.node_id) {
+            continue;
+        }
+        sent += 1;
+        match transport.call(&target, &Request::Announce { node: me }) {
+            Ok(Reply::LeafSet {
+                node: from,
+                leaf_set,
+            }) if from.node_id == target.node_id => {
+                for n in leaf_set {
+                    if node.learn(n, None) {
+                        work.push(n);
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(_) => node.suspect(target),
+        }
+    }
+    sent
+}

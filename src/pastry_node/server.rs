@@ -1,0 +1,276 @@
+//! The listener: one thread per accepted connection, newline-delimited JSON.
+//!
+//! Framing, as the client protocol promises: one JSON object per line, `\n` or
+//! `\r\n`, blank lines ignored; every request gets exactly one reply line, in order;
+//! when the client closes its sending side the node answers what it has and closes.
+//! A line longer than the limit gets an error and the connection is closed: the node
+//! never buffers more than the limit for one line.
+//!
+//! Shutdown sets a flag, wakes the thread blocked in `accept` by connecting to our
+//! own address, and shuts down every open connection so that its thread returns
+//! from its read; then every thread is joined.
+
+use std::collections::HashMap;
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::transport::Transport;
+use super::Node;
+use crate::message_handler::{code, decode, encode, handle, Reply};
+
+/// How reading one line ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LineRead {
+    /// A line is in the buffer, terminator removed.
+    Line,
+    /// The peer closed its sending side before a new line began.
+    Eof,
+    /// The line exceeded the limit; the rest of it was not read.
+    TooLong,
+}
+
+/// Reads one line of at most `limit` bytes (terminator excluded) into `buf`,
+/// stripping `\n` or `\r\n`. A last line without a terminator counts as a line.
+pub fn read_line_limited<R: BufRead>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    limit: usize,
+) -> io::Result<LineRead> {
+    buf.clear();
+    loop {
+        let available = match reader.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if available.is_empty() {
+            return Ok(if buf.is_empty() {
+                LineRead::Eof
+            } else {
+                LineRead::Line
+            });
+        }
+        let (chunk, done) = match available.iter().position(|&b| b == b'\n') {
+            Some(i) => (&available[..i], i + 1),
+            None => (available, available.len()),
+        };
+        // The limit includes a possible `\r` that is stripped below.
+        if buf.len() + chunk.len() > limit + 1 {
+            return Ok(LineRead::TooLong);
+        }
+        buf.extend_from_slice(chunk);
+        let found = done > chunk.len();
+        reader.consume(done);
+        if found {
+            if buf.last() == Some(&b'\r') {
+                buf.pop();
+            }
+            if buf.len() > limit {
+                return Ok(LineRead::TooLong);
+            }
+            return Ok(LineRead::Line);
+        }
+    }
+}
+
+/// The running listener and its connection threads.
+pub struct Server {
+    addr: SocketAddr,
+    stopping: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+    conns: Arc<Connections>,
+}
+
+#[derive(Default)]
+struct Connections {
+    next: AtomicU64,
+    /// A clone of each open stream, to shut it down when the node stops.
+    open: Mutex<HashMap<u64, TcpStream>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Server {
+    /// Serves `node` on `listener` until [`Server::shutdown`].
+    pub fn start(
+        listener: TcpListener,
+        node: Node,
+        transport: Arc<dyn Transport>,
+    ) -> io::Result<Server> {
+        let addr = listener.local_addr()?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let conns = Arc::new(Connections::default());
+        let accept = {
+            let stopping = stopping.clone();
+            let conns = conns.clone();
+            std::thread::Builder::new()
+                .name(format!("accept-{}", addr.port()))
+                .spawn(move || accept_loop(listener, node, transport, stopping, conns))?
+        };
+        Ok(Server {
+            addr,
+            stopping,
+            accept: Some(accept),
+            conns,
+        })
+    }
+
+    /// Stops accepting, closes every connection and joins every thread.
+    pub fn shutdown(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // Wake the accept loop. If the connect fails the listener is already gone.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(500));
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        for s in self
+            .conns
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        let threads =
+            std::mem::take(&mut *self.conns.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.accept.is_some() {
+            self.shutdown();
+        }
+    }
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    node: Node,
+    transport: Arc<dyn Transport>,
+    stopping: Arc<AtomicBool>,
+    conns: Arc<Connections>,
+) {
+    for stream in listener.incoming() {
+        if stopping.load(Ordering::SeqCst) {
+            break;
+        }
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                log::warn!("accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let id = conns.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(clone) = stream.try_clone() {
+            conns
+                .open
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, clone);
+        }
+        let (node, transport, conns2) = (node.clone(), transport.clone(), conns.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("conn-{id}"))
+            .spawn(move || {
+                node.connection_opened();
+                serve_connection(stream, &node, transport.as_ref());
+                node.connection_closed();
+                conns2
+                    .open
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+            });
+        let mut threads = conns.threads.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget threads that have finished, so the list does not grow forever.
+        threads.retain(|t| !t.is_finished());
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => log::warn!("cannot start a connection thread: {e}"),
+        }
+    }
+}
+
+/// Answers every line on one connection until the client closes it.
+fn serve_connection(stream: TcpStream, node: &Node, transport: &dyn Transport) {
+    let _ = stream.set_nodelay(true);
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let limit = node.config().max_line;
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        let reply = match read_line_limited(&mut reader, &mut line, limit) {
+            Ok(LineRead::Line) if line.iter().all(u8::is_ascii_whitespace) => continue,
+            Ok(LineRead::Line) => match decode(&line) {
+                Ok(envelope) => encode(&handle(node, envelope.request, transport), envelope.id),
+                Err(rejection) => {
+                    node.count_error();
+                    encode(&rejection.reply(), rejection.id)
+                }
+            },
+            Ok(LineRead::TooLong) => {
+                node.count_error();
+                let reply = Reply::error(
+                    code::LINE_TOO_LONG,
+                    format!("line longer than {limit} bytes; closing the connection"),
+                );
+                let _ = writer.write_all(&encode(&reply, None));
+                return;
+            }
+            Ok(LineRead::Eof) | Err(_) => return,
+        };
+        if writer.write_all(&reply).is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(input: &[u8], limit: usize) -> Vec<(LineRead, String)> {
+        let mut r = BufReader::with_capacity(4, input);
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        loop {
+            let res = read_line_limited(&mut r, &mut buf, limit).unwrap();
+            let stop = res != LineRead::Line;
+            out.push((res, String::from_utf8_lossy(&buf).into_owned()));
+            if stop {
+                return out;
+            }
+        }
+    }
+
+    #[test]
+    fn framing() {
+        use LineRead::*;
+        assert_eq!(
+            lines(b"ab\r\ncd\n\nlast", 10),
+            [
+                (Line, "ab".into()),
+                (Line, "cd".into()),
+                (Line, "".into()),
+                (Line, "last".into()),
+                (Eof, "".into())
+            ]
+        );
+        assert_eq!(lines(b"abcdefgh\n", 5).last().unwrap().0, TooLong);
+        assert_eq!(lines(b"abcde\r\n", 5)[0], (Line, "abcde".into()));
+        assert_eq!(lines(b"abcdef\r\n", 5)[0].0, TooLong);
+    }
+}

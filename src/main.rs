@@ -1,4 +1,232 @@
-fn main() {
-    eprintln!("usage: pastry-node <ip> <port> [<bootstrap-ip> <bootstrap-port>] [options]");
-    std::process::exit(2);
+//! `pastry-node`: run one Pastry node.
+//!
+//! ```text
+//! pastry-node 127.0.0.1 4000                      # the first node of a network
+//! pastry-node 127.0.0.1 5000 127.0.0.1 4000       # join through 127.0.0.1:4000
+//! ```
+
+use std::io::IsTerminal;
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use pastry::pastry_node::{Config, RunningNode};
+
+const USAGE: &str = "usage: pastry-node <ip> <port> [<bootstrap-ip> <bootstrap-port>] [--leaf-set N] [--tick-ms MS] [--log-level LEVEL]";
+
+const HELP: &str = "\
+pastry-node: one node of a Pastry distributed hash table.
+
+USAGE:
+    pastry-node <ip> <port> [<bootstrap-ip> <bootstrap-port>] [options]
+
+    <ip> <port>                      the address this node listens on, and that
+                                     other nodes dial; its id is SHA-1 of \"ip:port\".
+                                     Port 0 picks a free port (logged at start).
+    <bootstrap-ip> <bootstrap-port>  a node of the network to join through; without
+                                     it, this node starts a new network.
+
+OPTIONS:
+    --leaf-set N       leaf set size |L| (even, 2..=64; default 16)
+    --tick-ms MS       how often leaf sets are exchanged with neighbours (default 1000)
+    --log-level LEVEL  off, error, warn, info, debug or trace (default info; or set
+                       the PASTRY_LOG environment variable)
+    -h, --help         this help
+    -V, --version      the version
+
+Talk to a node with one JSON object per line, for example:
+    printf '{\"type\":\"put\",\"key\":\"apple\",\"value\":\"red\"}\\n' | nc -N 127.0.0.1 4000
+    printf '{\"type\":\"help\"}\\n' | nc -N 127.0.0.1 4000
+";
+
+/// The parsed command line.
+#[derive(Debug)]
+struct Options {
+    addr: SocketAddr,
+    bootstrap: Option<SocketAddr>,
+    leaf_set: usize,
+    tick_ms: u64,
+    log_level: log::LevelFilter,
+}
+
+enum Parsed {
+    Run(Options),
+    Help,
+    Version,
+}
+
+fn parse_ip(s: &str, what: &str) -> Result<IpAddr, String> {
+    s.parse()
+        .map_err(|_| format!("{what} {s:?} is not an IP address"))
+}
+
+fn parse_port(s: &str, what: &str) -> Result<u16, String> {
+    s.parse()
+        .map_err(|_| format!("{what} {s:?} is not a port number (0-65535)"))
+}
+
+fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
+    s.parse()
+        .map_err(|_| format!("log level {s:?} is not one of off, error, warn, info, debug, trace"))
+}
+
+fn parse(args: &[String]) -> Result<Parsed, String> {
+    let mut positional = Vec::new();
+    let mut leaf_set = pastry::utils::LEAF_SET_SIZE;
+    let mut tick_ms = 1000;
+    let mut log_level = None;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(Parsed::Help),
+            "-V" | "--version" => return Ok(Parsed::Version),
+            "--leaf-set" => {
+                let v = value("--leaf-set")?;
+                leaf_set = v
+                    .parse()
+                    .ok()
+                    .filter(|n: &usize| (2..=64).contains(n) && n % 2 == 0)
+                    .ok_or_else(|| {
+                        format!("--leaf-set {v:?}: expected an even number from 2 to 64")
+                    })?;
+            }
+            "--tick-ms" => {
+                let v = value("--tick-ms")?;
+                tick_ms = v.parse().ok().filter(|n: &u64| *n >= 10).ok_or_else(|| {
+                    format!("--tick-ms {v:?}: expected milliseconds, at least 10")
+                })?;
+            }
+            "--log-level" => log_level = Some(parse_level(&value("--log-level")?)?),
+            s if s.starts_with('-') && s.len() > 1 => return Err(format!("unknown option {s}")),
+            _ => positional.push(arg.clone()),
+        }
+    }
+    let (ip, port, bootstrap) = match positional.as_slice() {
+        [ip, port] => (ip, port, None),
+        [ip, port, bip, bport] => (
+            ip,
+            port,
+            Some(SocketAddr::new(
+                parse_ip(bip, "bootstrap address")?,
+                parse_port(bport, "bootstrap port")?,
+            )),
+        ),
+        [] => return Err("missing <ip> <port>".into()),
+        _ => {
+            return Err(format!(
+                "expected 2 or 4 positional arguments, got {}",
+                positional.len()
+            ))
+        }
+    };
+    let ip = parse_ip(ip, "address")?;
+    if ip.is_unspecified() {
+        return Err(format!(
+            "{ip} cannot be a node's address: other nodes dial the address a node gives, so give one of this machine's interfaces (e.g. 127.0.0.1)"
+        ));
+    }
+    if let Some(b) = bootstrap {
+        if b.port() == 0 || b.ip().is_unspecified() {
+            return Err(format!("cannot join through {b}: not a dialable address"));
+        }
+    }
+    let log_level = match log_level {
+        Some(l) => l,
+        None => match std::env::var("PASTRY_LOG") {
+            Ok(v) if !v.is_empty() => parse_level(&v).map_err(|e| format!("PASTRY_LOG: {e}"))?,
+            _ => log::LevelFilter::Info,
+        },
+    };
+    Ok(Parsed::Run(Options {
+        addr: SocketAddr::new(ip, parse_port(port, "port")?),
+        bootstrap,
+        leaf_set,
+        tick_ms,
+        log_level,
+    }))
+}
+
+fn init_logging(level: log::LevelFilter) {
+    let color = if std::io::stderr().is_terminal() {
+        simplelog::ColorChoice::Auto
+    } else {
+        simplelog::ColorChoice::Never
+    };
+    let config = simplelog::ConfigBuilder::new()
+        .set_target_level(log::LevelFilter::Off)
+        .set_thread_level(log::LevelFilter::Off)
+        .build();
+    // Fails only if a logger is already set, which cannot happen here.
+    let _ = simplelog::TermLogger::init(level, config, simplelog::TerminalMode::Stderr, color);
+}
+
+fn run(opts: Options) -> Result<ExitCode, String> {
+    init_logging(opts.log_level);
+    let listener =
+        TcpListener::bind(opts.addr).map_err(|e| format!("cannot listen on {}: {e}", opts.addr))?;
+    let config = Config {
+        leaf_set_size: opts.leaf_set,
+        tick: Duration::from_millis(opts.tick_ms),
+        ..Config::default()
+    };
+    let mut node = RunningNode::start(listener, config)
+        .map_err(|e| format!("cannot start the node on {}: {e}", opts.addr))?;
+    log::info!("listening on {} as node {}", node.addr(), node.id());
+
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
+    let signals = std::sync::atomic::AtomicUsize::new(0);
+    ctrlc::set_handler(move || {
+        // The first signal asks for a clean stop; a second one exits at once.
+        if signals.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+            std::process::exit(1);
+        }
+        let _ = stop_tx.try_send(());
+    })
+    .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+
+    match opts.bootstrap {
+        Some(b) => {
+            node.join(b).map_err(|e| e.to_string())?;
+        }
+        None => log::info!(
+            "started a new network; others join with: pastry-node <ip> <port> {} {}",
+            node.addr().ip(),
+            node.addr().port()
+        ),
+    }
+
+    let _ = stop_rx.recv();
+    log::info!("stopping");
+    node.shutdown();
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match parse(&args) {
+        Ok(Parsed::Help) => {
+            print!("{HELP}");
+            ExitCode::SUCCESS
+        }
+        Ok(Parsed::Version) => {
+            println!("pastry-node {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Ok(Parsed::Run(opts)) => match run(opts) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Err(e) => {
+            eprintln!("error: {e}\n{USAGE}");
+            ExitCode::from(2)
+        }
+    }
 }

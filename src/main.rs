@@ -90,7 +90,7 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
                 leaf_set = v
                     .parse()
                     .ok()
-                    .filter(|n: &usize| (2..=64).contains(n) && n % 2 == 0)
+                    .filter(|n: &usize| (2..=64).contains(n) && n.is_multiple_of(2))
                     .ok_or_else(|| {
                         format!("--leaf-set {v:?}: expected an even number from 2 to 64")
                     })?;

@@ -237,6 +237,8 @@ pub enum Reply {
         node_id: NodeId,
         messages: std::collections::BTreeMap<String, u64>,
         forwards: u64,
+        /// Forwards chosen by the paper's rare case.
+        rare_case: u64,
         errors: u64,
         keys: usize,
         connections_open: u64,
@@ -477,9 +479,11 @@ fn route_op(node: &Node, op: Op, hops: u32, transport: &dyn Transport) -> Reply 
         let decision = node.route(&key_id, |id| dead.contains(id) || Some(*id) == joiner);
         let next = match decision {
             Route::Deliver => return deliver(node, op, hops),
-            Route::Forward { next, .. } => next,
+            Route::Forward { next, via } => {
+                node.count_forward(via);
+                next
+            }
         };
-        node.count_forward();
         let forward = Request::Forward {
             hops: hops + 1,
             op: op.clone(),

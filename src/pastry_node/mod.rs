@@ -75,6 +75,8 @@ impl Default for Config {
 struct Stats {
     messages: Mutex<BTreeMap<&'static str, u64>>,
     forwards: AtomicU64,
+    /// Forwards chosen by the paper's rare case (step 3 of routing).
+    rare_case: AtomicU64,
     errors: AtomicU64,
     connections_open: AtomicU64,
     peers_failed: AtomicU64,
@@ -276,8 +278,26 @@ impl Node {
         *m.entry(kind).or_insert(0) += 1;
     }
 
-    pub(crate) fn count_forward(&self) {
+    pub(crate) fn count_forward(&self, via: router::Via) {
         self.shared.stats.forwards.fetch_add(1, Ordering::Relaxed);
+        if via == router::Via::RareCase {
+            self.shared.stats.rare_case.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Forwards this node made by the rare case, since it started.
+    pub fn rare_case_forwards(&self) -> u64 {
+        self.shared.stats.rare_case.load(Ordering::Relaxed)
+    }
+
+    /// This node's leaf set.
+    pub fn leaf_set(&self) -> leaf_set::LeafSet {
+        self.routing().leaf_set.clone()
+    }
+
+    /// Entries in this node's routing table.
+    pub fn routing_table_len(&self) -> usize {
+        self.routing().routing_table.len()
     }
 
     pub(crate) fn count_error(&self) {
@@ -355,6 +375,7 @@ impl Node {
             node_id: self.shared.own.node_id,
             messages,
             forwards: s.forwards.load(Ordering::Relaxed),
+            rare_case: s.rare_case.load(Ordering::Relaxed),
             errors: s.errors.load(Ordering::Relaxed),
             keys: self.key_count(),
             connections_open: s.connections_open.load(Ordering::Relaxed),

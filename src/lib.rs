@@ -30,4 +30,5 @@
 pub mod client;
 pub mod message_handler;
 pub mod pastry_node;
+pub mod simulator;
 pub mod utils;

@@ -63,33 +63,34 @@ impl NodeId {
         }
     }
 
+    /// The id as a 32-bit high part and a 128-bit low part, for fast arithmetic.
+    fn limbs(&self) -> (u32, u128) {
+        let mut hi = [0u8; 4];
+        let mut lo = [0u8; 16];
+        hi.copy_from_slice(&self.0[..4]);
+        lo.copy_from_slice(&self.0[4..]);
+        (u32::from_be_bytes(hi), u128::from_be_bytes(lo))
+    }
+
+    fn from_limbs(hi: u32, lo: u128) -> NodeId {
+        let mut out = [0u8; ID_BYTES];
+        out[..4].copy_from_slice(&hi.to_be_bytes());
+        out[4..].copy_from_slice(&lo.to_be_bytes());
+        NodeId(out)
+    }
+
     /// `self - other` modulo 2^160: the clockwise distance from `other` to `self`.
     pub fn wrapping_sub(&self, other: &NodeId) -> NodeId {
-        let mut out = [0u8; ID_BYTES];
-        let mut borrow = 0i16;
-        for i in (0..ID_BYTES).rev() {
-            let mut d = self.0[i] as i16 - other.0[i] as i16 - borrow;
-            borrow = if d < 0 {
-                d += 256;
-                1
-            } else {
-                0
-            };
-            out[i] = d as u8;
-        }
-        NodeId(out)
+        let ((ah, al), (bh, bl)) = (self.limbs(), other.limbs());
+        let (lo, borrow) = al.overflowing_sub(bl);
+        NodeId::from_limbs(ah.wrapping_sub(bh).wrapping_sub(borrow as u32), lo)
     }
 
     /// `self + other` modulo 2^160.
     pub fn wrapping_add(&self, other: &NodeId) -> NodeId {
-        let mut out = [0u8; ID_BYTES];
-        let mut carry = 0u16;
-        for i in (0..ID_BYTES).rev() {
-            let s = self.0[i] as u16 + other.0[i] as u16 + carry;
-            out[i] = s as u8;
-            carry = s >> 8;
-        }
-        NodeId(out)
+        let ((ah, al), (bh, bl)) = (self.limbs(), other.limbs());
+        let (lo, carry) = al.overflowing_add(bl);
+        NodeId::from_limbs(ah.wrapping_add(bh).wrapping_add(carry as u32), lo)
     }
 
     /// Clockwise distance from `self` to `to` (how far `to` lies "above" us).

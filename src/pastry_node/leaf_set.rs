@@ -87,6 +87,16 @@ impl LeafSet {
         if node.node_id == self.own || self.contains(&node.node_id) {
             return false;
         }
+        // The common case in a large network: a full leaf set and a node beyond
+        // both ends, i.e. on the clockwise arc from our farthest larger member to
+        // our farthest smaller one. It cannot enter.
+        if let (true, Some(hi), Some(lo)) =
+            (self.is_full(), self.larger.last(), self.smaller.last())
+        {
+            if in_arc(&hi.node_id, &lo.node_id, &node.node_id) {
+                return false;
+            }
+        }
         let mut all: Vec<NodeInfo> = self.members().copied().collect();
         all.push(node);
         self.rebuild(all);
@@ -105,7 +115,7 @@ impl LeafSet {
     fn rebuild(&mut self, mut candidates: Vec<NodeInfo>) {
         let own = self.own;
         // Clockwise order: the nearest larger node first, the nearest smaller last.
-        candidates.sort_by_key(|n| own.cw_distance(&n.node_id));
+        candidates.sort_by_cached_key(|n| own.cw_distance(&n.node_id));
         let n = candidates.len();
         let larger_len = n.min(self.half);
         let smaller_len = (n - larger_len).min(self.half);

@@ -1,0 +1,392 @@
+//! The `pastry-node` program as a user runs it: help and version, usage errors
+//! (exit 2), run-time errors (exit 1), and a real two-process network on loopback
+//! stopped with SIGTERM (exit 0).
+//!
+//! Every child process is owned by a guard that kills and reaps it on drop, so a
+//! failing assertion never leaves a process behind.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use pastry::utils::NodeId;
+use serde_json::json;
+use support::{id_field, rpc, wait_until};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pastry-node");
+
+/// Longest wait for a process to do what it was asked (start, exit). A deadline,
+/// not a sleep: the tests move on as soon as it happens.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+fn command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("PASTRY_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// A running `pastry-node`: its stderr is read line by line by a thread. Killed
+/// and reaped on drop.
+struct Proc {
+    child: Child,
+    stderr: Receiver<String>,
+    reader: Option<JoinHandle<()>>,
+    /// Every stderr line seen so far.
+    seen: Vec<String>,
+}
+
+impl Proc {
+    fn spawn(args: &[&str]) -> Proc {
+        Proc::spawn_command(command(args))
+    }
+
+    fn spawn_command(mut cmd: Command) -> Proc {
+        let mut child = cmd.spawn().expect("start pastry-node");
+        let err = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Proc {
+            child,
+            stderr: rx,
+            reader: Some(reader),
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a stderr line containing `needle` and returns it.
+    fn wait_for_line(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "no stderr line with {needle:?} within {DEADLINE:?}; seen: {:#?}",
+                        self.seen
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "pastry-node closed stderr without a line with {needle:?}; seen: {:#?}",
+                    self.seen
+                ),
+            }
+        }
+    }
+
+    /// The address from the "listening on ADDR" log line.
+    fn listening_addr(&mut self) -> SocketAddr {
+        let line = self.wait_for_line("listening on ");
+        let rest = &line[line.find("listening on ").unwrap() + "listening on ".len()..];
+        let addr = rest.split_whitespace().next().unwrap();
+        addr.parse()
+            .unwrap_or_else(|e| panic!("{addr:?} in {line:?} is not an address: {e}"))
+    }
+
+    /// Waits for the process to exit by itself.
+    fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pastry-node did not exit within {DEADLINE:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed: {status}");
+    }
+
+    /// The rest of stderr, once the process has exited.
+    fn remaining_stderr(&mut self) -> Vec<String> {
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        self.seen.extend(self.stderr.try_iter());
+        self.seen.clone()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+/// Runs `pastry-node args` to completion (killing it after the deadline) and
+/// returns its status, stdout and stderr.
+fn run(args: &[&str]) -> (ExitStatus, String, String) {
+    run_command(command(args))
+}
+
+fn run_command(cmd: Command) -> (ExitStatus, String, String) {
+    let mut p = Proc::spawn_command(cmd);
+    let mut out = p.child.stdout.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let status = p.wait_exit();
+    let stdout = out_reader.join().unwrap();
+    let stderr = p.remaining_stderr().join("\n");
+    (status, stdout, stderr)
+}
+
+#[test]
+fn help_and_version_exit_zero() {
+    for flag in ["--help", "-h"] {
+        let (status, out, err) = run(&[flag]);
+        assert_eq!(status.code(), Some(0), "{flag}: {err}");
+        assert!(out.contains("USAGE"), "{flag}: {out}");
+        assert!(out.contains("pastry-node <ip> <port>"), "{flag}: {out}");
+        assert!(out.contains("--leaf-set"), "{flag}: {out}");
+        assert!(err.is_empty(), "{flag} wrote to stderr: {err}");
+    }
+    // Help wins over anything else on the line, even arguments that are wrong.
+    let (status, out, _) = run(&["127.0.0.1", "--help", "bogus"]);
+    assert_eq!(status.code(), Some(0));
+    assert!(out.contains("USAGE"), "{out}");
+
+    for flag in ["--version", "-V"] {
+        let (status, out, err) = run(&[flag]);
+        assert_eq!(status.code(), Some(0), "{flag}: {err}");
+        assert_eq!(
+            out.trim_end(),
+            format!("pastry-node {}", env!("CARGO_PKG_VERSION")),
+            "{flag}"
+        );
+        assert!(err.is_empty(), "{flag} wrote to stderr: {err}");
+    }
+}
+
+#[test]
+fn usage_errors_exit_two_with_a_short_message() {
+    let cases: &[(&[&str], &str)] = &[
+        (&[], "missing"),
+        (&["127.0.0.1"], "positional"),
+        (&["localhost", "4000"], "not an IP address"),
+        (&["127.0.0.256", "4000"], "not an IP address"),
+        (&["127.0.0.1", "65536"], "not a port"),
+        (&["127.0.0.1", "-1"], ""),
+        (&["127.0.0.1", "port"], "not a port"),
+        (&["127.0.0.1", "4000", "127.0.0.1"], "got 3"),
+        (&["127.0.0.1", "4000", "127.0.0.1", "4001", "x"], "got 5"),
+        (&["127.0.0.1", "4000", "--bogus"], "unknown option --bogus"),
+        (&["0.0.0.0", "4000"], "0.0.0.0"),
+        (&["::", "4000"], "::"),
+        (
+            &["127.0.0.1", "4000", "0.0.0.0", "4001"],
+            "cannot join through",
+        ),
+        (
+            &["127.0.0.1", "4000", "127.0.0.1", "0"],
+            "cannot join through",
+        ),
+        (&["127.0.0.1", "4000", "127.0.0.1", "x"], "bootstrap port"),
+        (&["127.0.0.1", "4000", "--leaf-set", "3"], "--leaf-set"),
+        (&["127.0.0.1", "4000", "--leaf-set", "66"], "--leaf-set"),
+        (&["127.0.0.1", "4000", "--leaf-set"], "needs a value"),
+        (&["127.0.0.1", "4000", "--tick-ms", "5"], "--tick-ms"),
+        (&["127.0.0.1", "4000", "--log-level", "loud"], "log level"),
+    ];
+    for (args, needle) in cases {
+        let (status, out, err) = run(args);
+        assert_eq!(status.code(), Some(2), "{args:?}: {status}; stderr: {err}");
+        assert!(out.is_empty(), "{args:?} wrote to stdout: {out}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert!(
+            (1..=2).contains(&lines.len()),
+            "{args:?}: expected an error line and the usage line, got {err:?}"
+        );
+        assert!(lines[0].starts_with("error: "), "{args:?}: {err:?}");
+        assert!(
+            lines[0].contains(needle),
+            "{args:?}: {err:?} lacks {needle:?}"
+        );
+        assert!(
+            lines.last().unwrap().starts_with("usage: pastry-node"),
+            "{args:?}: {err:?}"
+        );
+    }
+    // A bad PASTRY_LOG is a usage error too.
+    let mut cmd = command(&["127.0.0.1", "4000"]);
+    cmd.env("PASTRY_LOG", "shouting");
+    let (status, _, err) = run_command(cmd);
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.starts_with("error: PASTRY_LOG"), "{err}");
+}
+
+#[test]
+fn port_in_use_exits_one() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let (status, out, err) = run(&["127.0.0.1", &addr.port().to_string()]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(out.is_empty(), "{out}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line: {err}"));
+    assert!(
+        line.starts_with(&format!("error: cannot listen on {addr}")),
+        "{line}"
+    );
+}
+
+#[test]
+fn unreachable_bootstrap_exits_one() {
+    // A port that was free a moment ago: nothing listens there.
+    let free = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let (status, _, err) = run(&["127.0.0.1", "0", "127.0.0.1", &free.port().to_string()]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line: {err}"));
+    assert!(
+        line.starts_with(&format!("error: cannot join through {free}")),
+        "{line}"
+    );
+
+    // Something listens, but it is not a Pastry node.
+    let impostor = TcpListener::bind("127.0.0.1:0").unwrap();
+    let impostor_addr = impostor.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = impostor.accept().unwrap();
+        let mut line = String::new();
+        let _ = BufReader::new(&s).read_line(&mut line);
+        let _ = s.write_all(b"220 hello, I speak SMTP\n");
+        line
+    });
+    let (status, _, err) = run(&[
+        "127.0.0.1",
+        "0",
+        "127.0.0.1",
+        &impostor_addr.port().to_string(),
+    ]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with(&format!("error: cannot join through {impostor_addr}"))),
+        "{err}"
+    );
+    let request = server.join().unwrap();
+    assert!(request.contains("\"join\""), "the node sent {request:?}");
+}
+
+/// Two real processes on loopback: the first starts a network on port 0, the
+/// second joins it; a value put through one is read through the other; SIGTERM
+/// stops each cleanly (exit 0).
+#[test]
+fn two_processes_form_a_network_and_stop_on_sigterm() {
+    let mut a = Proc::spawn(&["127.0.0.1", "0", "--tick-ms", "100"]);
+    let a_addr = a.listening_addr();
+    assert_ne!(a_addr.port(), 0);
+    let pong = rpc(a_addr, &json!({"type": "ping"}));
+    assert_eq!(pong["type"], "pong", "{pong}");
+    assert_eq!(
+        id_field(&pong, "node_id"),
+        NodeId::for_addr(&a_addr),
+        "{pong}"
+    );
+    assert_eq!(pong["addr"], a_addr.to_string());
+
+    let a_port = a_addr.port().to_string();
+    let mut b = Proc::spawn(&["127.0.0.1", "0", "127.0.0.1", &a_port, "--tick-ms", "100"]);
+    let b_addr = b.listening_addr();
+    b.wait_for_line(&format!("joined through {a_addr}"));
+
+    // Each knows the other.
+    for (at, other) in [(a_addr, b_addr), (b_addr, a_addr)] {
+        let want = NodeId::for_addr(&other);
+        assert!(
+            wait_until(DEADLINE, || {
+                let s = rpc(at, &json!({"type": "status"}));
+                ["smaller", "larger"].iter().any(|side| {
+                    s["leaf_set"][side]
+                        .as_array()
+                        .is_some_and(|v| v.iter().any(|n| id_field(n, "node_id") == want))
+                })
+            }),
+            "{at} never had {other} in its leaf set"
+        );
+    }
+
+    for (k, (put_at, get_at)) in [(a_addr, b_addr), (b_addr, a_addr)].into_iter().enumerate() {
+        for i in 0..8 {
+            let key = format!("proc-{k}-{i}");
+            let p = rpc(put_at, &json!({"type": "put", "key": key, "value": [k, i]}));
+            assert_eq!(p["type"], "put_ok", "{p}");
+            let g = rpc(get_at, &json!({"type": "get", "key": key}));
+            assert_eq!(g["type"], "value", "{g}");
+            assert_eq!(g["value"], json!([k, i]), "{g}");
+            assert_eq!(g["owner"], p["owner"], "{g} vs {p}");
+            let key_id = NodeId::for_key(&key);
+            let (ia, ib) = (NodeId::for_addr(&a_addr), NodeId::for_addr(&b_addr));
+            let root = if pastry::utils::closer_to(&key_id, &ia, &ib).is_lt() {
+                ia
+            } else {
+                ib
+            };
+            assert_eq!(id_field(&g, "owner"), root, "{g}");
+        }
+    }
+
+    for p in [&mut b, &mut a] {
+        p.sigterm();
+        let status = p.wait_exit();
+        assert_eq!(status.code(), Some(0), "exit after SIGTERM: {status}");
+        let err = p.remaining_stderr();
+        assert!(err.iter().any(|l| l.contains("stopping")), "{err:#?}");
+    }
+    // Both are gone: nothing answers at their addresses any more.
+    for addr in [a_addr, b_addr] {
+        assert!(
+            std::net::TcpStream::connect(addr).is_err(),
+            "{addr} still accepts"
+        );
+    }
+}

@@ -118,8 +118,13 @@ pub enum Request {
     },
     /// "I exist, and you may want me in your state; what is your leaf set?" Sent by a
     /// new node to everyone in its state, and periodically to leaf-set members.
+    /// As in the paper, the sender passes on its own state: `rows` holds the
+    /// routing-table entries the receiver can use (the sender's rows up to their
+    /// shared prefix), so that the receiver fills any empty slot.
     Announce {
         node: NodeInfo,
+        #[serde(default)]
+        rows: Vec<NodeInfo>,
     },
 }
 
@@ -131,6 +136,14 @@ pub const REQUEST_TYPES: &[&str] = &[
 
 impl Request {
     /// The name counted in `stats`.
+    /// Requests only nodes send each other.
+    pub fn is_node_to_node(&self) -> bool {
+        matches!(
+            self,
+            Request::Join { .. } | Request::Forward { .. } | Request::Announce { .. }
+        )
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Request::Ping => "ping",
@@ -259,10 +272,13 @@ pub enum Reply {
         neighborhood: Vec<NodeInfo>,
         hops: u32,
     },
-    /// The reply to `announce`: the answering node's leaf set.
+    /// The reply to `announce`: the answering node's leaf set, and the
+    /// routing-table entries the announcing node can use.
     LeafSet {
         node: NodeInfo,
         leaf_set: Vec<NodeInfo>,
+        #[serde(default)]
+        rows: Vec<NodeInfo>,
     },
     Error {
         code: i64,
@@ -391,7 +407,7 @@ fn validate(request: &Request) -> Result<(), (i64, String)> {
         | Request::Get { key }
         | Request::Delete { key }
         | Request::Route { key } => check_key(key),
-        Request::Join { node } | Request::Announce { node } => check_node(node),
+        Request::Join { node } | Request::Announce { node, .. } => check_node(node),
         Request::Forward { hops, op } => {
             if *hops > MAX_HOPS {
                 return Err((code::HOP_CAP, hop_cap_message()));
@@ -437,19 +453,41 @@ pub fn handle(node: &Node, request: Request, transport: &dyn Transport) -> Reply
             addr: node.own().addr,
         },
         Request::Help => Reply::Help { commands: help() },
-        Request::Put { key, value } => route_op(node, Op::Put { key, value }, 0, transport),
-        Request::Get { key } => route_op(node, Op::Get { key }, 0, transport),
-        Request::Delete { key } => route_op(node, Op::Delete { key }, 0, transport),
-        Request::Route { key } => route_op(node, Op::Route { key }, 0, transport),
+        Request::Put { key, value } => match size_error(node, &key, Some(&value)) {
+            Some(reply) => reply,
+            None => route_op(node, Op::Put { key, value }, 0, transport),
+        },
+        Request::Get { key } => match size_error(node, &key, None) {
+            Some(reply) => reply,
+            None => route_op(node, Op::Get { key }, 0, transport),
+        },
+        Request::Delete { key } => match size_error(node, &key, None) {
+            Some(reply) => reply,
+            None => route_op(node, Op::Delete { key }, 0, transport),
+        },
+        Request::Route { key } => match size_error(node, &key, None) {
+            Some(reply) => reply,
+            None => route_op(node, Op::Route { key }, 0, transport),
+        },
         Request::Join { node: joiner } => route_op(node, Op::Join { node: joiner }, 0, transport),
         Request::Forward { hops, op } => route_op(node, op, hops, transport),
         Request::Status => node.status(),
         Request::Stats => node.stats(),
-        Request::Announce { node: from } => {
+        Request::Announce { node: from, rows } => {
+            // Nothing here is taken on trust: `learn` drops entries whose id is not
+            // SHA-1 of their address, and measures every newcomer it keeps, so a dead
+            // or invented node is found out and forgotten.
+            // The announcing node is alive: it is talking to us. What it tells us
+            // about others is hearsay, checked before it is used.
             node.learn(from, None);
+            node.consider(from);
+            for n in rows {
+                node.hear_of(n);
+            }
             Reply::LeafSet {
                 node: node.own(),
                 leaf_set: node.leaf_set_members(),
+                rows: node.rows_for(&from.node_id),
             }
         }
     };
@@ -457,6 +495,29 @@ pub fn handle(node: &Node, request: Request, transport: &dyn Transport) -> Reply
         node.count_error();
     }
     reply
+}
+
+/// Refuses a key and value that would not fit the line limit once other nodes
+/// wrap them (a `forward`, a reply with the owner): every node must be able to
+/// read what the root stores. The size is that of the JSON nodes send each
+/// other, which can be longer than the client's (`1e5` is re-encoded as
+/// `100000.0`).
+fn size_error(node: &Node, key: &str, value: Option<&Value>) -> Option<Reply> {
+    let room = node
+        .config()
+        .max_line
+        .saturating_sub(crate::pastry_node::server::NODE_LINE_HEADROOM);
+    let key_len = serde_json::to_string(key).map_or(usize::MAX, |k| k.len());
+    let value_len = value.map_or(0, |v| {
+        serde_json::to_string(v).map_or(usize::MAX, |v| v.len())
+    });
+    if key_len.saturating_add(value_len) > room {
+        return Some(Reply::error(
+            code::INVALID_PARAMS,
+            format!("key and value too large: together they may take at most {room} bytes as JSON (the line limit less room for routing)"),
+        ));
+    }
+    None
 }
 
 /// How many next hops a message may find dead at one node before it gives up.

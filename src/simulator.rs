@@ -191,14 +191,21 @@ impl Transport for SimLink<'_> {
         ))
     }
 
+    fn call_measured(
+        &self,
+        to: &NodeInfo,
+        request: &Request,
+    ) -> Result<(Reply, u64), TransportError> {
+        let reply = self.call(to, request)?;
+        let t = self.target(to)?;
+        Ok((reply, self.net.proximity_between(self.me, t)))
+    }
+
     fn proximity(&self, to: &NodeInfo) -> Result<u64, TransportError> {
         self.net.counters.probe.fetch_add(1, Ordering::Relaxed);
         self.net.mark(self.me);
         let t = self.target(to)?;
-        Ok(match self.net.proximity {
-            Proximity::Plane => (self.net.distance(self.me, t) * 1e6) as u64,
-            Proximity::Ignored => 1,
-        })
+        Ok(self.net.proximity_between(self.me, t))
     }
 }
 
@@ -210,9 +217,9 @@ pub struct Lookup {
     pub correct: bool,
     /// Some node on the path forwarded it by the rare case.
     pub rare_case: bool,
-    /// Distance travelled over the direct distance from source to root; `None` when
-    /// the source was the root.
-    pub stretch: Option<f64>,
+    /// Distance travelled in the plane and the direct distance from source to
+    /// root, when the source was not the root: their ratio is the route's stretch.
+    pub stretch: Option<(f64, f64)>,
     /// The lookup failed with an error (e.g. every next hop was dead).
     pub failed: bool,
 }
@@ -285,6 +292,14 @@ impl Network {
     fn mark(&self, i: usize) {
         if !self.nodes[i].queued.swap(true, Ordering::Relaxed) {
             self.dirty.lock().unwrap_or_else(|e| e.into_inner()).push(i);
+        }
+    }
+
+    /// What a node measures as the proximity of another.
+    fn proximity_between(&self, a: usize, b: usize) -> u64 {
+        match self.proximity {
+            Proximity::Plane => ((self.distance(a, b) * 1e6) as u64).max(1),
+            Proximity::Ignored => 1,
         }
     }
 
@@ -458,7 +473,7 @@ impl Network {
                     hops,
                     correct: owner == self.nodes[root].node.own().node_id,
                     rare_case,
-                    stretch: (hops > 0 && direct > 0.0).then(|| travelled / direct),
+                    stretch: (hops > 0 && direct > 0.0).then_some((travelled, direct)),
                     failed: false,
                 }
             }

@@ -343,7 +343,6 @@ fn concurrent_joins_converge() {
 /// notice, their leaf sets become the ideal leaf sets of the survivors, and every
 /// route from every survivor reaches the brute-force root among the survivors.
 #[test]
-#[ignore = "bug: stopped nodes are re-learned from stale leaf sets (join::announce -> Node::learn(n, None)) right after maintenance::declare_dead removes them; each re-learning queues Probe+Suspect events that declare the node dead again, so the event queue grows without bound, ticks starve and leaf sets never converge"]
 fn survivors_repair_after_nodes_stop() {
     let n = 24;
     let mut c = LocalCluster::new(n);
@@ -620,7 +619,6 @@ fn peers_failed(c: &LocalCluster) -> u64 {
 /// has noticed), the leaf sets converge, and then nobody declares anything dead
 /// any more.
 #[test]
-#[ignore = "bug: a single stopped node is declared dead thousands of times (peers_failed grows by thousands per second): maintenance::declare_dead repairs from a neighbour whose leaf set still lists the dead node, Node::learn(n, None) puts it straight back into the leaf set and queues a Probe, announce queues a Suspect, and each of those repeats the cycle"]
 fn a_stopped_node_is_declared_dead_a_bounded_number_of_times() {
     let n = 24;
     let mut c = LocalCluster::new(n);
@@ -637,15 +635,22 @@ fn a_stopped_node_is_declared_dead_a_bounded_number_of_times() {
         "leaf sets did not converge within 10 s after one node stopped (peers_failed {failed}):\n{}",
         c.describe_leaf_sets()
     );
+    // Nodes that held it only in their routing table find it when their
+    // row-by-row upkeep reaches its row; give that a few ticks. Hearsay about it
+    // from a neighbour that has not noticed yet is checked with a probe, and a
+    // node forgotten once is never counted again: at most once per survivor.
+    let mut failed = failed;
+    let settled = wait_until(Duration::from_secs(10), || {
+        std::thread::sleep(c.config.tick * 5);
+        let now = peers_failed(&c);
+        let still = now == failed;
+        failed = now;
+        still
+    });
+    assert!(settled, "nodes keep declaring peers dead: {failed} so far");
     assert!(
-        failed <= 3 * survivors,
+        failed <= survivors,
         "one stopped node was declared dead {failed} times by {survivors} survivors"
-    );
-    std::thread::sleep(c.config.tick * 5);
-    assert_eq!(
-        peers_failed(&c),
-        failed,
-        "nodes are still declaring peers dead"
     );
     assert!(
         c.leaf_set_mismatches().is_empty(),
@@ -684,7 +689,6 @@ fn routes_go_around_a_stopped_node_at_once() {
 /// Announcements of nodes that accept connections but never answer (a hung
 /// host) queue one probe each; stopping the node must not wait for all of them.
 #[test]
-#[ignore = "bug: RunningNode::shutdown sends Event::Shutdown to the back of the maintenance queue and joins the thread, so it first waits for every queued Probe/Suspect (each up to call_timeout against a silent peer): here over 8 s instead of at most one call_timeout"]
 fn shutdown_does_not_wait_for_queued_probes() {
     let config = pastry::pastry_node::Config {
         call_timeout: Duration::from_millis(1000),
@@ -712,44 +716,42 @@ fn shutdown_does_not_wait_for_queued_probes() {
     );
 }
 
-/// A value whose `put` line fits the 1 MiB limit is stored by its root; it must
-/// then be readable from every node, or refused up front. Today the forwarded
-/// request or reply is longer than the limit, so the root looks unreachable.
+/// A value too large to travel between nodes once wrapped is refused up front with
+/// -32602 (never stored where only its root can read it), and a large value that
+/// fits is stored through any node and readable from every node.
 #[test]
-#[ignore = "bug: node-to-node lines use the same 1 MiB limit as client lines, but a forward wraps the client's request and a value reply adds owner/hops; a put through the root succeeds, a get through another node then answers not_found from a node that is not the root (the root's oversized reply makes transport.call fail, so route_op skips the root), and a put through another node gets -32003 'closing the connection' without the connection being closed"]
-fn values_near_the_line_limit_are_readable_from_every_node() {
+fn large_values_are_refused_up_front_or_readable_everywhere() {
     let c = LocalCluster::new(3);
     c.wait_for_ideal_leaf_sets(CONVERGE);
     let key = "nearly-a-mebibyte";
     let root = c.brute_force_root(&NodeId::for_key(key));
     let root_at = c.index_of(&root).unwrap();
-    // `{"type":"put","key":"...","value":"..."}` is exactly 1 MiB.
+    // `{"type":"put","key":"...","value":"..."}` is exactly 1 MiB: it fits the
+    // client line limit, but not once a node wraps it in a `forward`.
     let overhead = json!({"type": "put", "key": key, "value": ""})
         .to_string()
         .len();
-    let value = "v".repeat((1 << 20) - overhead);
+    let too_big = "v".repeat((1 << 20) - overhead);
+    for asked in 0..3 {
+        let mut conn = Raw::connect(c.addr(asked));
+        let p = conn.request(&json!({"type": "put", "key": key, "value": too_big}));
+        assert_eq!(error_code(&p), -32602, "put through node {asked}: {p}");
+        conn.assert_usable();
+    }
+    let g = rpc(c.addr(root_at), &json!({"type": "get", "key": key}));
+    assert_eq!(g["type"], "not_found", "a refused put stored nothing: {g}");
+    // 900 KiB fits, through any node.
+    let value = "w".repeat(900 << 10);
+    let other = (root_at + 1) % 3;
     let p = rpc(
-        c.addr(root_at),
+        c.addr(other),
         &json!({"type": "put", "key": key, "value": value}),
     );
-    if p["type"] == "error" {
-        return; // Refusing such a value up front would be fine too.
-    }
-    assert_eq!(p["type"], "put_ok", "put through the root");
+    assert_eq!(p["type"], "put_ok", "put through node {other}");
     for asked in 0..3 {
         let g = rpc(c.addr(asked), &json!({"type": "get", "key": key}));
-        assert_eq!(
-            g["type"],
-            "value",
-            "get from node {asked}: {}",
-            &g.to_string()[..200.min(g.to_string().len())]
-        );
+        assert_eq!(g["type"], "value", "get from node {asked}");
+        assert_eq!(g["value"].as_str().map(str::len), Some(900 << 10));
         assert_eq!(id_field(&g, "owner"), root);
     }
-    // And through a node that is not the root.
-    let other = (root_at + 1) % 3;
-    let mut conn = Raw::connect(c.addr(other));
-    let p = conn.request(&json!({"type": "put", "key": key, "value": value}));
-    assert_eq!(p["type"], "put_ok", "put through node {other}: {p}");
-    conn.assert_usable();
 }

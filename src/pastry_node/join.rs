@@ -105,17 +105,12 @@ pub fn join(
         .chain(neighborhood)
         .filter(|n| n.node_id != me.node_id && n.is_genuine() && seen.insert(n.node_id))
         .collect();
-    let mut messages = 1;
-    for c in &candidates {
-        messages += 1;
-        match transport.proximity(c) {
-            Ok(p) => {
-                node.learn(*c, Some(p));
-            }
-            Err(_) => node.suspect(*c),
-        }
-    }
-    messages += announce(node, transport, node.known_nodes());
+    // Steps 3 and 4 at once: announcing ourselves to a candidate measures its
+    // proximity too (the round trip of the announcement), so each candidate costs
+    // one message, not a probe and an announcement. Nodes the replies name that we
+    // lack are measured by the maintenance thread, and announced to if they enter
+    // our leaf set.
+    let messages = 1 + announce(node, transport, candidates.clone());
     log::info!(
         "joined through {bootstrap} in {hops} hops: id {}, leaf set {}, routing table {} entries",
         me.node_id,
@@ -131,28 +126,40 @@ pub fn join(
     })
 }
 
-/// Announces this node to each of `targets` and learns from their leaf sets; nodes
-/// that thereby enter our leaf set are announced to in turn. Returns the number of
+/// Announces this node to each of `targets`, passing on the routing-table entries
+/// each can use. Each target that answers is taken in at the proximity the
+/// exchange measured; the nodes its reply names (its leaf set, the entries it
+/// offers us) are hearsay, handed to [`Node::hear_of`]. Returns the number of
 /// announcements sent.
 pub fn announce(node: &Node, transport: &dyn Transport, targets: Vec<NodeInfo>) -> usize {
     let me = node.own();
     let mut done: HashSet<NodeId> = HashSet::new();
-    let mut work = targets;
     let mut sent = 0;
-    while let Some(target) = work.pop() {
+    for target in targets {
+        // Each call may wait for a silent peer: a stopping node does not go on.
+        if node.is_stopping() {
+            break;
+        }
         if target.node_id == me.node_id || !done.insert(target.node_id) {
             continue;
         }
         sent += 1;
-        match transport.call(&target, &Request::Announce { node: me }) {
-            Ok(Reply::LeafSet {
-                node: from,
-                leaf_set,
-            }) if from.node_id == target.node_id => {
-                for n in leaf_set {
-                    if node.learn(n, None) {
-                        work.push(n);
-                    }
+        let announce = Request::Announce {
+            node: me,
+            rows: node.rows_for(&target.node_id),
+        };
+        match transport.call_measured(&target, &announce) {
+            Ok((
+                Reply::LeafSet {
+                    node: from,
+                    leaf_set,
+                    rows,
+                },
+                proximity,
+            )) if from.node_id == target.node_id => {
+                node.learn(target, Some(proximity));
+                for n in leaf_set.into_iter().chain(rows) {
+                    node.hear_of(n);
                 }
             }
             Ok(_) => {}

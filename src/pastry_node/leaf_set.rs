@@ -84,23 +84,27 @@ impl LeafSet {
 
     /// Offers `node` to the leaf set. Returns true if it became a member.
     pub fn insert(&mut self, node: NodeInfo) -> bool {
-        if node.node_id == self.own || self.contains(&node.node_id) {
+        if !self.would_take(&node.node_id) {
             return false;
-        }
-        // The common case in a large network: a full leaf set and a node beyond
-        // both ends, i.e. on the clockwise arc from our farthest larger member to
-        // our farthest smaller one. It cannot enter.
-        if let (true, Some(hi), Some(lo)) =
-            (self.is_full(), self.larger.last(), self.smaller.last())
-        {
-            if in_arc(&hi.node_id, &lo.node_id, &node.node_id) {
-                return false;
-            }
         }
         let mut all: Vec<NodeInfo> = self.members().copied().collect();
         all.push(node);
         self.rebuild(all);
         self.contains(&node.node_id)
+    }
+
+    /// Whether `insert` would make `id` a member, without changing anything.
+    pub fn would_take(&self, id: &NodeId) -> bool {
+        if *id == self.own || self.contains(id) {
+            return false;
+        }
+        // The common case in a large network: a full leaf set and a node beyond
+        // both ends, i.e. on the clockwise arc from our farthest larger member to
+        // our farthest smaller one. It cannot enter.
+        match (self.is_full(), self.larger.last(), self.smaller.last()) {
+            (true, Some(hi), Some(lo)) => !in_arc(&hi.node_id, &lo.node_id, id),
+            _ => true,
+        }
     }
 
     /// Removes the node with id `id`. Returns true if it was a member.

@@ -43,13 +43,18 @@ pub enum Event {
 pub fn handle_event(node: &Node, event: Event, transport: &dyn Transport) -> bool {
     match event {
         Event::Probe(peer) => {
-            if node.knows(&peer.node_id) {
-                match transport.proximity(&peer) {
-                    Ok(p) => {
-                        node.learn(peer, Some(p));
+            if !node.probe_still_useful(&peer.node_id) || !peer.is_genuine() {
+                return true;
+            }
+            match transport.proximity(&peer) {
+                Ok(p) => {
+                    // A new leaf-set member must hear of us too, or its leaf set
+                    // would stay without us.
+                    if node.learn(peer, Some(p)) {
+                        announce(node, transport, vec![peer]);
                     }
-                    Err(_) => declare_dead(node, peer, transport),
                 }
+                Err(_) => declare_dead(node, peer, transport),
             }
         }
         Event::Suspect(peer) => {
@@ -58,7 +63,34 @@ pub fn handle_event(node: &Node, event: Event, transport: &dyn Transport) -> boo
             }
         }
         Event::Tick => {
+            // The heartbeat: exchange leaf sets with every member.
             announce(node, transport, node.leaf_set_members());
+            // Routing-table upkeep, one row per tick: measure every entry of the
+            // row again (finding the dead, keeping proximities current), and
+            // exchange rows with one of them (the paper's periodic refresh, which
+            // also fills slots that no join ever filled).
+            let rows = node.routing_rows_used();
+            if rows > 0 {
+                let tick = node.next_tick();
+                let row = (tick % rows as u64) as usize;
+                let entries = node.routing_row(row);
+                for e in &entries {
+                    if node.is_stopping() {
+                        return false;
+                    }
+                    match transport.proximity(e) {
+                        Ok(p) => {
+                            node.learn(*e, Some(p));
+                        }
+                        Err(_) => declare_dead(node, *e, transport),
+                    }
+                }
+                let live = node.routing_row(row);
+                if !live.is_empty() {
+                    let pick = live[(tick / rows as u64) as usize % live.len()];
+                    announce(node, transport, vec![pick]);
+                }
+            }
         }
         Event::Shutdown => return false,
     }
@@ -66,8 +98,8 @@ pub fn handle_event(node: &Node, event: Event, transport: &dyn Transport) -> boo
 }
 
 fn declare_dead(node: &Node, peer: NodeInfo, transport: &dyn Transport) {
-    let (known, repair_from) = node.forget(&peer.node_id);
-    if !known {
+    let forgotten = node.forget(&peer.node_id);
+    if !forgotten.known {
         return;
     }
     node.count_peer_failed();
@@ -76,8 +108,15 @@ fn declare_dead(node: &Node, peer: NodeInfo, transport: &dyn Transport) {
         peer.node_id.short(),
         peer.addr
     );
-    if let Some(from) = repair_from {
-        announce(node, transport, vec![from]);
+    // An announcement is how we ask: its reply carries the target's leaf set and
+    // the rows of its routing table that we can use.
+    let ask: Vec<NodeInfo> = forgotten
+        .leaf_set_repair
+        .into_iter()
+        .chain(forgotten.table_repair)
+        .collect();
+    if !ask.is_empty() {
+        announce(node, transport, ask);
     }
 }
 
@@ -89,16 +128,21 @@ pub fn spawn(node: Node, events: Receiver<Event>, transport: Arc<dyn Transport>)
         .spawn(move || {
             let mut next_tick = std::time::Instant::now() + tick;
             loop {
-                let wait = next_tick.saturating_duration_since(std::time::Instant::now());
-                let event = match events.recv_timeout(wait) {
-                    Ok(e) => e,
-                    Err(RecvTimeoutError::Timeout) => {
-                        next_tick = std::time::Instant::now() + tick;
-                        Event::Tick
+                // A tick is due even when events keep arriving: the heartbeat must
+                // not wait for a quiet moment.
+                let now = std::time::Instant::now();
+                let event = if now >= next_tick {
+                    next_tick = now + tick;
+                    Event::Tick
+                } else {
+                    match events.recv_timeout(next_tick - now) {
+                        Ok(e) => e,
+                        Err(RecvTimeoutError::Timeout) => continue,
+                        Err(RecvTimeoutError::Disconnected) => return,
                     }
-                    Err(RecvTimeoutError::Disconnected) => return,
                 };
-                if !handle_event(&node, event, transport.as_ref()) {
+                // Stopping takes priority over whatever is still queued.
+                if node.is_stopping() || !handle_event(&node, event, transport.as_ref()) {
                     return;
                 }
             }

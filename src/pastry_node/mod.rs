@@ -23,9 +23,9 @@ pub mod server;
 pub mod store;
 pub mod transport;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -89,7 +89,36 @@ struct Shared {
     store: RwLock<Store>,
     stats: Stats,
     events: Sender<Event>,
+    /// Nodes queued for a probe, and why, so that a node named in many replies is
+    /// probed once, and only if it is still of use when its turn comes.
+    probing: Mutex<HashMap<NodeId, ProbeReason>>,
+    /// Set when the node is stopping: the maintenance thread then stops at once,
+    /// whatever is still queued.
+    stopping: AtomicBool,
+    /// Timer ticks so far: which routing-table row the next tick looks after.
+    ticks: AtomicU64,
     started: Instant,
+}
+
+/// What [`Node::forget`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Forgotten {
+    /// The node was in our state.
+    pub known: bool,
+    /// It was a leaf-set member: ask this node, the farthest live member on its
+    /// side, for its leaf set.
+    pub leaf_set_repair: Option<NodeInfo>,
+    /// It was a routing-table entry: ask these nodes for their rows.
+    pub table_repair: Vec<NodeInfo>,
+}
+
+/// Why a node was queued for a probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ProbeReason {
+    /// We heard of it, and it would fill a gap in our leaf set or routing table.
+    FillsGap,
+    /// It announced itself, and may be nearer than its routing-table slot's holder.
+    MayBeNearer,
 }
 
 /// A handle to one node's state; cheap to clone, shared by every thread of the node.
@@ -113,6 +142,9 @@ impl Node {
                 store: RwLock::new(Store::new()),
                 stats: Stats::default(),
                 events: tx,
+                probing: Mutex::new(HashMap::new()),
+                stopping: AtomicBool::new(false),
+                ticks: AtomicU64::new(0),
                 started: Instant::now(),
             }),
         };
@@ -166,6 +198,11 @@ impl Node {
         self.routing().knows(id)
     }
 
+    /// The measured proximity of `id`, if we hold one (in R or M).
+    pub fn proximity_of(&self, id: &NodeId) -> Option<u64> {
+        self.routing().proximity_of(id)
+    }
+
     pub fn known_nodes(&self) -> Vec<NodeInfo> {
         self.routing().known_unique()
     }
@@ -199,24 +236,32 @@ impl Node {
         out
     }
 
-    /// Takes `node` into the routing state, at `proximity` if measured. A node not
-    /// known before, with no measurement, is queued for the maintenance thread to
-    /// measure. Returns true if it entered the leaf set.
+    /// Takes in `node`, which we know to be alive because it talked to us or we
+    /// measured it, at `proximity` if measured. Unmeasured, it only fills a gap
+    /// (the leaf set, an empty routing-table slot). Returns true if it entered the
+    /// leaf set.
+    ///
+    /// A node we only *heard of* from another node goes through [`Node::hear_of`]
+    /// instead: it may have died since, or never existed.
     pub fn learn(&self, node: NodeInfo, proximity: Option<u64>) -> bool {
-        if node.node_id == self.shared.own.node_id || !node.is_genuine() {
+        if node.node_id == self.shared.own.node_id {
             return false;
         }
-        let (was_known, now_leaf, leaf_len) = {
+        // Most nodes we hear of we know already or have no room for: decide that
+        // under the read lock, before paying for the SHA-1 that checks the id.
+        if proximity.is_none() && !self.routing().would_take(&node.node_id) {
+            return false;
+        }
+        if !node.is_genuine() {
+            return false;
+        }
+        let (now_leaf, leaf_len) = {
             let mut r = self.routing_mut();
-            let was_known = r.knows(&node.node_id);
             let was_leaf = r.leaf_set.contains(&node.node_id);
             r.insert(node, proximity);
             let now_leaf = !was_leaf && r.leaf_set.contains(&node.node_id);
-            (was_known, now_leaf, r.leaf_set.len())
+            (now_leaf, r.leaf_set.len())
         };
-        if !was_known && proximity.is_none() {
-            self.send(Event::Probe(node));
-        }
         if now_leaf {
             log::info!(
                 "{} entered our leaf set ({} at {}; leaf set now {})",
@@ -229,17 +274,132 @@ impl Node {
         now_leaf
     }
 
-    /// Forgets `id` everywhere. Returns the node on the failed side of the leaf set
-    /// to ask for repair, if `id` was a leaf-set member.
-    pub fn forget(&self, id: &NodeId) -> (bool, Option<NodeInfo>) {
+    /// Notes a node another node told us about. It is not taken in on hearsay: if
+    /// we have a use for it, the maintenance thread measures it first and takes it
+    /// in only if it answers. (Taking it in directly would let a dead node come
+    /// back through the leaf set of a neighbour that has not noticed the death
+    /// yet, over and over, and would let anyone fill our state with invented
+    /// nodes.)
+    ///
+    /// Only nodes that would fill a gap are probed; a node that would merely
+    /// compete for a routing-table slot is not worth a probe on hearsay.
+    pub fn hear_of(&self, node: NodeInfo) {
+        let (useful, known) = {
+            let r = self.routing();
+            (r.would_take(&node.node_id), r.knows(&node.node_id))
+        };
+        if useful && known {
+            // Already in our state, so checked before: it only moves into L.
+            self.learn(node, None);
+        } else if useful {
+            self.queue_probe(node, ProbeReason::FillsGap);
+        }
+    }
+
+    /// After [`Node::learn`] without a measurement: has `node` measured if that
+    /// could improve our routing table (it is an unmeasured entry now, or it might
+    /// be nearer than the entry holding its slot). This is how existing nodes keep
+    /// the paper's locality as newcomers announce themselves.
+    pub fn consider(&self, node: NodeInfo) {
+        let r = self.routing();
+        let worth = if r.knows(&node.node_id) {
+            r.routing_table.contains(&node.node_id) && r.proximity_of(&node.node_id).is_none()
+        } else {
+            // It took no slot: its slot holds another node, which it may beat.
+            r.routing_table.slot_of(&node.node_id).is_some()
+        };
+        drop(r);
+        if worth {
+            self.queue_probe(node, ProbeReason::MayBeNearer);
+        }
+    }
+
+    fn queue_probe(&self, node: NodeInfo, reason: ProbeReason) {
+        let mut probing = self
+            .shared
+            .probing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let std::collections::hash_map::Entry::Vacant(slot) = probing.entry(node.node_id) {
+            slot.insert(reason);
+            self.send(Event::Probe(node));
+        }
+    }
+
+    /// The maintenance thread takes up the probe of `id`: is it still worth
+    /// sending? Not if the node was measured meanwhile (say, by an announcement's
+    /// round trip), or, heard of to fill a gap, the gap has been filled since.
+    pub(crate) fn probe_still_useful(&self, id: &NodeId) -> bool {
+        let reason = self
+            .shared
+            .probing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        let r = self.routing();
+        let measured_entry = r.routing_table.contains(id) && r.proximity_of(id).is_some();
+        match reason {
+            Some(ProbeReason::FillsGap) => r.would_take(id),
+            Some(ProbeReason::MayBeNearer) => !measured_entry,
+            None => false,
+        }
+    }
+
+    /// True once the node has been asked to stop.
+    pub fn is_stopping(&self) -> bool {
+        self.shared.stopping.load(Ordering::Relaxed)
+    }
+
+    /// Forgets `id` everywhere, and says whom to ask to repair the hole it leaves.
+    pub fn forget(&self, id: &NodeId) -> Forgotten {
         let mut r = self.routing_mut();
-        let repair_from = if r.leaf_set.contains(id) {
+        let leaf_set_repair = if r.leaf_set.contains(id) {
             r.leaf_set.farthest_on_side_of(id)
         } else {
             None
         };
+        // The paper's lazy routing-table repair: another entry of the same row
+        // shares our prefix up to that row, so its own row holds candidates for the
+        // empty slot; failing that, an entry of the next row does.
+        let mut table_repair = Vec::new();
+        if let Some((row, _)) = r.routing_table.slot_of(id) {
+            if r.routing_table.contains(id) {
+                for candidate_row in [row, row + 1] {
+                    table_repair.extend(
+                        r.routing_table
+                            .row(candidate_row)
+                            .map(|e| e.node)
+                            .filter(|n| n.node_id != *id)
+                            .take(2 - table_repair.len().min(2)),
+                    );
+                }
+            }
+        }
         let known = r.remove(id);
-        (known, repair_from)
+        Forgotten {
+            known,
+            leaf_set_repair,
+            table_repair,
+        }
+    }
+
+    /// Counts a timer tick; returns how many came before it.
+    pub(crate) fn next_tick(&self) -> u64 {
+        self.shared.ticks.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The entries of routing-table row `row`.
+    pub fn routing_row(&self, row: usize) -> Vec<NodeInfo> {
+        self.routing()
+            .routing_table
+            .row(row)
+            .map(|e| e.node)
+            .collect()
+    }
+
+    /// Rows of the routing table in use.
+    pub fn routing_rows_used(&self) -> usize {
+        self.routing().routing_table.rows_used()
     }
 
     /// Reports that `peer` did not answer a call.
@@ -438,6 +598,7 @@ impl RunningNode {
         if let Some(mut s) = self.server.take() {
             s.shutdown();
         }
+        self.node.shared.stopping.store(true, Ordering::Relaxed);
         self.node.send(Event::Shutdown);
         if let Some(m) = self.maintenance.take() {
             let _ = m.join();

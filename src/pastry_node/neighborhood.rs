@@ -39,6 +39,14 @@ impl NeighborhoodSet {
         self.members.is_empty()
     }
 
+    /// The proximity of member `id`.
+    pub fn proximity_of(&self, id: &NodeId) -> Option<u64> {
+        self.members
+            .iter()
+            .find(|(n, _)| n.node_id == *id)
+            .map(|(_, p)| *p)
+    }
+
     pub fn contains(&self, id: &NodeId) -> bool {
         self.members.iter().any(|(n, _)| n.node_id == *id)
     }

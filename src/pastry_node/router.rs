@@ -124,6 +124,27 @@ impl RoutingState {
             || self.neighborhood.contains(id)
     }
 
+    /// The measured proximity of `id`, if R or M holds one.
+    pub fn proximity_of(&self, id: &NodeId) -> Option<u64> {
+        self.neighborhood.proximity_of(id).or_else(|| {
+            let (row, col) = self.routing_table.slot_of(id)?;
+            let e = self.routing_table.get(row, col)?;
+            if e.node.node_id == *id {
+                e.proximity
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Whether an unmeasured `node` would enter L or R: it belongs in the leaf set
+    /// and is not there yet, or in an empty routing-table slot. (Unmeasured nodes
+    /// never displace a routing-table entry and never enter M.)
+    pub fn would_take(&self, node: &NodeId) -> bool {
+        *node != self.own.node_id
+            && (self.leaf_set.would_take(node) || self.routing_table.is_vacant_for(node))
+    }
+
     /// Offers `node` to L, R and M (M only when its proximity is measured).
     /// Returns true if any of them changed.
     pub fn insert(&mut self, node: NodeInfo, proximity: Option<u64>) -> bool {

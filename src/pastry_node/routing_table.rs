@@ -61,6 +61,12 @@ impl RoutingTable {
         (row < DIGITS).then(|| (row, id.digit(row)))
     }
 
+    /// True when `id` belongs in a slot that is still empty.
+    pub fn is_vacant_for(&self, id: &NodeId) -> bool {
+        self.slot_of(id)
+            .is_some_and(|(row, col)| self.get(row, col).is_none())
+    }
+
     /// R[row][col], if filled.
     pub fn get(&self, row: usize, col: usize) -> Option<&Entry> {
         self.rows.get(row).and_then(|r| r[col].as_ref())

@@ -202,6 +202,10 @@ fn accept_loop(
     }
 }
 
+/// Room kept free in every line limit for what nodes add to a client's request
+/// as it travels: a `forward` wraps it, a reply adds the owner and hop count.
+pub const NODE_LINE_HEADROOM: usize = 64 * 1024;
+
 /// Answers every line on one connection until the client closes it.
 fn serve_connection(stream: TcpStream, node: &Node, transport: &dyn Transport) {
     let _ = stream.set_nodelay(true);
@@ -212,7 +216,8 @@ fn serve_connection(stream: TcpStream, node: &Node, transport: &dyn Transport) {
     let mut reader = BufReader::new(stream);
     let mut line = Vec::new();
     loop {
-        let reply = match read_line_limited(&mut reader, &mut line, limit) {
+        let read = read_line_limited(&mut reader, &mut line, limit);
+        let reply = match read {
             Ok(LineRead::Line) if line.iter().all(u8::is_ascii_whitespace) => continue,
             Ok(LineRead::Line) => match decode(&line) {
                 Ok(envelope) => encode(&handle(node, envelope.request, transport), envelope.id),

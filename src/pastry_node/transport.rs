@@ -54,6 +54,16 @@ pub trait Transport: Send + Sync {
     /// Sends `request` to `to` and returns its reply.
     fn call(&self, to: &NodeInfo, request: &Request) -> Result<Reply, TransportError>;
 
+    /// Like [`Transport::call`], and also returns the proximity of `to` that the
+    /// exchange measured (over TCP its round trip, in microseconds, connecting
+    /// excluded). A node measures a peer with a message it sends anyway instead of
+    /// a separate probe.
+    fn call_measured(
+        &self,
+        to: &NodeInfo,
+        request: &Request,
+    ) -> Result<(Reply, u64), TransportError>;
+
     /// Measures the proximity of `to` (smaller = nearer) and checks that it is the
     /// node it claims to be. Over TCP: the round-trip time of a `ping`, in
     /// microseconds. In the simulator: a distance in the simulated plane.
@@ -116,7 +126,8 @@ impl TcpTransport {
     fn exchange(&self, conn: &mut Conn, line: &[u8]) -> Result<Reply, TransportError> {
         conn.reader.get_mut().write_all(line)?;
         let mut buf = Vec::new();
-        match read_line_limited(&mut conn.reader, &mut buf, self.max_line)? {
+        let limit = self.max_line + super::server::NODE_LINE_HEADROOM;
+        match read_line_limited(&mut conn.reader, &mut buf, limit)? {
             LineRead::Line => serde_json::from_slice(&buf)
                 .map_err(|e| TransportError::Protocol(format!("unreadable reply: {e}"))),
             LineRead::Eof => Err(TransportError::Io(std::io::Error::new(
@@ -130,6 +141,15 @@ impl TcpTransport {
 
 impl Transport for TcpTransport {
     fn call(&self, to: &NodeInfo, request: &Request) -> Result<Reply, TransportError> {
+        self.call_measured(to, request).map(|(reply, _)| reply)
+    }
+
+    fn call_measured(
+        &self,
+        to: &NodeInfo,
+        request: &Request,
+    ) -> Result<(Reply, u64), TransportError> {
+        let micros = |start: Instant| (start.elapsed().as_micros() as u64).max(1);
         let mut line = serde_json::to_vec(request)
             .map_err(|e| TransportError::Protocol(format!("cannot encode request: {e}")))?;
         line.push(b'\n');
@@ -137,28 +157,41 @@ impl Transport for TcpTransport {
         // then the request is sent once more on a fresh connection. Requests are
         // safe to repeat: a put stores the same value, a get reads it again.
         if let Some(mut conn) = self.take_idle(&to.addr) {
-            if let Ok(reply) = self.exchange(&mut conn, &line) {
-                self.put_idle(to.addr, conn);
-                return Ok(reply);
+            let start = Instant::now();
+            match self.exchange(&mut conn, &line) {
+                Ok(reply) => {
+                    let rtt = micros(start);
+                    self.put_idle(to.addr, conn);
+                    return Ok((reply, rtt));
+                }
+                // A peer that let the whole timeout pass is not asked twice.
+                Err(TransportError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(TransportError::Io(e));
+                }
+                Err(_) => {}
             }
         }
         let mut conn = self.connect(&to.addr)?;
+        let start = Instant::now();
         let reply = self.exchange(&mut conn, &line)?;
+        let rtt = micros(start);
         self.put_idle(to.addr, conn);
-        Ok(reply)
+        Ok((reply, rtt))
     }
 
     fn proximity(&self, to: &NodeInfo) -> Result<u64, TransportError> {
-        let start = Instant::now();
-        match self.call(to, &Request::Ping)? {
-            Reply::Pong { node_id, .. } if node_id == to.node_id => {
-                Ok((start.elapsed().as_micros() as u64).max(1))
-            }
-            Reply::Pong { node_id, .. } => Err(TransportError::WrongNode(format!(
+        match self.call_measured(to, &Request::Ping)? {
+            (Reply::Pong { node_id, .. }, rtt) if node_id == to.node_id => Ok(rtt),
+            (Reply::Pong { node_id, .. }, _) => Err(TransportError::WrongNode(format!(
                 "{} answers as {node_id}, expected {}",
                 to.addr, to.node_id
             ))),
-            other => Err(TransportError::Protocol(format!(
+            (other, _) => Err(TransportError::Protocol(format!(
                 "expected pong, got {other:?}"
             ))),
         }

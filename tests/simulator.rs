@@ -1,0 +1,112 @@
+//! The simulator at about 2,000 nodes: the node's own join protocol and routing,
+//! held against the brute-force truth and the paper's figures.
+
+use pastry::pastry_node::Config;
+use pastry::simulator::{Network, Proximity};
+
+const N: usize = 2000;
+const LOOKUPS: usize = 20_000;
+
+/// The paper's average at 1,000 and 10,000 nodes (Fig. 4), interpolated in log N.
+fn expected_average(n: usize) -> f64 {
+    let x = (n as f64 / 1000.0).log10();
+    2.5 + (3.2 - 2.5) * x
+}
+
+fn build(n: usize, seed: u64) -> Network {
+    let mut net = Network::new(seed, Proximity::Plane, Config::default());
+    for k in 0..n {
+        net.add_node()
+            .unwrap_or_else(|e| panic!("join {k} failed: {e}"));
+    }
+    net
+}
+
+struct Figures {
+    average: f64,
+    max: u32,
+    misdelivered: usize,
+    failed: usize,
+}
+
+fn lookups(net: &mut Network, count: usize, settle: bool) -> Figures {
+    let ring = net.ring();
+    let (mut total, mut max, mut misdelivered, mut failed) = (0u64, 0u32, 0usize, 0usize);
+    for _ in 0..count {
+        let from = ring[net.rng().below(ring.len())].1;
+        let key = format!("key-{:016x}", net.rng().next_u64());
+        let l = net.lookup(&ring, from, &key);
+        if l.failed {
+            failed += 1;
+            continue;
+        }
+        total += l.hops as u64;
+        max = max.max(l.hops);
+        misdelivered += usize::from(!l.correct);
+        if settle {
+            net.settle();
+        }
+    }
+    Figures {
+        average: total as f64 / (count - failed).max(1) as f64,
+        max,
+        misdelivered,
+        failed,
+    }
+}
+
+#[test]
+fn a_2000_node_network_routes_like_the_paper() {
+    let mut net = build(N, 7);
+    assert_eq!(net.ideal_leaf_set_share(), 1.0, "every leaf set is ideal");
+    let f = lookups(&mut net, LOOKUPS, true);
+    assert_eq!(f.misdelivered, 0, "lookups that ended off the root");
+    assert_eq!(f.failed, 0, "lookups that failed");
+    let bound = ((N as f64).log2() / 4.0).ceil() as u32;
+    assert!(f.max <= bound + 1, "max hops {} > {}", f.max, bound + 1);
+    let expected = expected_average(N);
+    assert!(
+        (f.average - expected).abs() <= 0.15,
+        "average hops {:.3}, expected about {expected:.2}",
+        f.average
+    );
+}
+
+#[test]
+fn after_ten_percent_fail_leaf_sets_repair_and_nothing_is_misdelivered() {
+    let mut net = build(N, 11);
+    net.fail_random(N / 10);
+    // Right after, with no maintenance at all, lookups route around the dead.
+    let right_after = lookups(&mut net, 5000, false);
+    assert_eq!(right_after.misdelivered, 0);
+    net.settle();
+    let mut rounds = 0;
+    while net.ideal_leaf_set_share() < 1.0 {
+        rounds += 1;
+        assert!(rounds <= 5, "leaf sets not repaired after 5 rounds");
+        net.tick_all();
+    }
+    let repaired = lookups(&mut net, LOOKUPS, true);
+    assert_eq!(
+        repaired.misdelivered, 0,
+        "misdelivered after leaf-set repair"
+    );
+    assert_eq!(repaired.failed, 0, "failed after leaf-set repair");
+}
+
+#[test]
+fn the_same_seed_gives_the_same_network() {
+    let ids = |net: &Network| -> Vec<_> {
+        (0..net.len())
+            .map(|i| {
+                (
+                    net.node(i).own(),
+                    net.node(i).snapshot().routing_table.len(),
+                )
+            })
+            .collect()
+    };
+    let (a, b) = (build(300, 3), build(300, 3));
+    assert_eq!(ids(&a), ids(&b));
+    assert_ne!(ids(&a), ids(&build(300, 4)));
+}

@@ -95,16 +95,17 @@ impl LeafSet {
 
     /// Whether `insert` would make `id` a member, without changing anything.
     pub fn would_take(&self, id: &NodeId) -> bool {
-        if *id == self.own || self.contains(id) {
-            return false;
+        // The common case in a large network, decided first because it is cheap:
+        // a full leaf set and a node beyond both ends, i.e. on the clockwise arc
+        // from our farthest larger member to our farthest smaller one.
+        if let (true, Some(hi), Some(lo)) =
+            (self.is_full(), self.larger.last(), self.smaller.last())
+        {
+            if in_arc(&hi.node_id, &lo.node_id, id) {
+                return false;
+            }
         }
-        // The common case in a large network: a full leaf set and a node beyond
-        // both ends, i.e. on the clockwise arc from our farthest larger member to
-        // our farthest smaller one. It cannot enter.
-        match (self.is_full(), self.larger.last(), self.smaller.last()) {
-            (true, Some(hi), Some(lo)) => !in_arc(&hi.node_id, &lo.node_id, id),
-            _ => true,
-        }
+        *id != self.own && !self.contains(id)
     }
 
     /// Removes the node with id `id`. Returns true if it was a member.

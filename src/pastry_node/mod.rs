@@ -286,7 +286,8 @@ impl Node {
     pub fn hear_of(&self, node: NodeInfo) {
         let (useful, known) = {
             let r = self.routing();
-            (r.would_take(&node.node_id), r.knows(&node.node_id))
+            let useful = r.would_take(&node.node_id);
+            (useful, useful && r.knows(&node.node_id))
         };
         if useful && known {
             // Already in our state, so checked before: it only moves into L.

@@ -119,8 +119,9 @@ impl RoutingState {
     }
 
     pub fn knows(&self, id: &NodeId) -> bool {
-        self.leaf_set.contains(id)
-            || self.routing_table.contains(id)
+        // The routing table answers in constant time; the sets are scanned.
+        self.routing_table.contains(id)
+            || self.leaf_set.contains(id)
             || self.neighborhood.contains(id)
     }
 

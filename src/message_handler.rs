@@ -118,9 +118,9 @@ pub enum Request {
     },
     /// "I exist, and you may want me in your state; what is your leaf set?" Sent by a
     /// new node to everyone in its state, and periodically to leaf-set members.
-    /// As in the paper, the sender passes on its own state: `rows` holds the
-    /// routing-table entries the receiver can use (the sender's rows up to their
-    /// shared prefix), so that the receiver fills any empty slot.
+    /// As in the paper, the sender passes on its own state, narrowed to what the
+    /// receiver can place: `rows` holds the sender's routing-table row at their
+    /// shared prefix length, so that the receiver fills any empty slot there.
     Announce {
         node: NodeInfo,
         #[serde(default)]
@@ -272,8 +272,8 @@ pub enum Reply {
         neighborhood: Vec<NodeInfo>,
         hops: u32,
     },
-    /// The reply to `announce`: the answering node's leaf set, and the
-    /// routing-table entries the announcing node can use.
+    /// The reply to `announce`: the answering node's leaf set, and its
+    /// routing-table row at the prefix it shares with the announcing node.
     LeafSet {
         node: NodeInfo,
         leaf_set: Vec<NodeInfo>,
@@ -487,7 +487,7 @@ pub fn handle(node: &Node, request: Request, transport: &dyn Transport) -> Reply
             Reply::LeafSet {
                 node: node.own(),
                 leaf_set: node.leaf_set_members(),
-                rows: node.rows_for(&from.node_id),
+                rows: node.shared_row(&from.node_id),
             }
         }
     };

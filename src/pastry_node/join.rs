@@ -146,7 +146,7 @@ pub fn announce(node: &Node, transport: &dyn Transport, targets: Vec<NodeInfo>) 
         sent += 1;
         let announce = Request::Announce {
             node: me,
-            rows: node.rows_for(&target.node_id),
+            rows: node.shared_row(&target.node_id),
         };
         match transport.call_measured(&target, &announce) {
             Ok((

@@ -223,6 +223,19 @@ impl Node {
     /// The routing-table entries a joining node with id `joiner` can use: rows
     /// 0 ..= shl(us, joiner), whose entries share the row's prefix with it too.
     /// Ourselves included: we belong in one of its rows.
+    /// The routing-table row that `peer` shares with us, row shl(us, peer), and
+    /// ourselves: what an announcement and its reply pass on. That row is where
+    /// the peer's own table is sparsest and hearsay helps most; the rows above it
+    /// it fills easily from anyone. (Sending every usable row would triple the
+    /// traffic for little gain.)
+    pub fn shared_row(&self, peer: &NodeId) -> Vec<NodeInfo> {
+        let r = self.routing();
+        let row = shl(&self.shared.own.node_id, peer);
+        let mut out: Vec<NodeInfo> = r.routing_table.row(row).map(|e| e.node).collect();
+        out.push(self.shared.own);
+        out
+    }
+
     pub fn rows_for(&self, joiner: &NodeId) -> Vec<NodeInfo> {
         let r = self.routing();
         let last = shl(&self.shared.own.node_id, joiner);

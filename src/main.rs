@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use pastry::pastry_node::{Config, RunningNode};
 
-const USAGE: &str = "usage: pastry-node <ip> <port> [<bootstrap-ip> <bootstrap-port>] [--leaf-set N] [--tick-ms MS] [--log-level LEVEL]";
+const USAGE: &str = "usage: pastry-node <ip> <port> [<bootstrap-ip> <bootstrap-port>] [--leaf-set N] [--replicas K] [--tick-ms MS] [--log-level LEVEL]";
 
 const HELP: &str = "\
 pastry-node: one node of a Pastry distributed hash table.
@@ -28,6 +28,8 @@ USAGE:
 
 OPTIONS:
     --leaf-set N       leaf set size |L| (even, 2..=64; default 16)
+    --replicas K       nodes that hold each key, the root included (1..=|L|/2+1;
+                       default 3)
     --tick-ms MS       how often leaf sets are exchanged with neighbours (default 1000)
     --log-level LEVEL  off, error, warn, info, debug or trace (default info; or set
                        the PASTRY_LOG environment variable)
@@ -45,6 +47,7 @@ struct Options {
     addr: SocketAddr,
     bootstrap: Option<SocketAddr>,
     leaf_set: usize,
+    replicas: usize,
     tick_ms: u64,
     log_level: log::LevelFilter,
 }
@@ -73,6 +76,7 @@ fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
 fn parse(args: &[String]) -> Result<Parsed, String> {
     let mut positional = Vec::new();
     let mut leaf_set = pastry::utils::LEAF_SET_SIZE;
+    let mut replicas = 3;
     let mut tick_ms = 1000;
     let mut log_level = None;
     let mut it = args.iter();
@@ -94,6 +98,12 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
                     .ok_or_else(|| {
                         format!("--leaf-set {v:?}: expected an even number from 2 to 64")
                     })?;
+            }
+            "--replicas" => {
+                let v = value("--replicas")?;
+                replicas = v.parse().ok().filter(|n: &usize| *n >= 1).ok_or_else(|| {
+                    format!("--replicas {v:?}: expected a number of nodes, at least 1")
+                })?;
             }
             "--tick-ms" => {
                 let v = value("--tick-ms")?;
@@ -142,10 +152,17 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
             _ => log::LevelFilter::Info,
         },
     };
+    if replicas > leaf_set / 2 + 1 {
+        return Err(format!(
+            "--replicas {replicas}: at most |L|/2 + 1 = {} with a leaf set of {leaf_set}, since a node sees only its leaf set",
+            leaf_set / 2 + 1
+        ));
+    }
     Ok(Parsed::Run(Options {
         addr: SocketAddr::new(ip, parse_port(port, "port")?),
         bootstrap,
         leaf_set,
+        replicas,
         tick_ms,
         log_level,
     }))
@@ -171,6 +188,7 @@ fn run(opts: Options) -> Result<ExitCode, String> {
         TcpListener::bind(opts.addr).map_err(|e| format!("cannot listen on {}: {e}", opts.addr))?;
     let config = Config {
         leaf_set_size: opts.leaf_set,
+        replicas: opts.replicas,
         tick: Duration::from_millis(opts.tick_ms),
         ..Config::default()
     };

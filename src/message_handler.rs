@@ -23,8 +23,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::pastry_node::router::Route;
+use crate::pastry_node::store::Versioned;
 use crate::pastry_node::transport::Transport;
-use crate::pastry_node::Node;
+use crate::pastry_node::{KeyEntry, Node};
 use crate::utils::{NodeId, NodeInfo, MAX_HOPS};
 
 /// JSON-RPC 2.0 error codes, as the client protocol promises.
@@ -126,12 +127,35 @@ pub enum Request {
         #[serde(default)]
         rows: Vec<NodeInfo>,
     },
+    /// Copies of keys for a member of their replica set: from the root on every
+    /// write, and from any holder when the replica set changes. The receiver keeps
+    /// each copy that is newer than its own.
+    Replicate {
+        entries: Vec<KeyEntry>,
+    },
+    /// A root that lacks a key asks the rest of the replica set for it.
+    Fetch {
+        key: String,
+    },
 }
 
 /// Every request type, as the `unknown type` error lists them.
 pub const REQUEST_TYPES: &[&str] = &[
-    "ping", "help", "put", "store", "get", "lookup", "delete", "route", "status", "stats", "join",
-    "forward", "announce",
+    "ping",
+    "help",
+    "put",
+    "store",
+    "get",
+    "lookup",
+    "delete",
+    "route",
+    "status",
+    "stats",
+    "join",
+    "forward",
+    "announce",
+    "replicate",
+    "fetch",
 ];
 
 impl Request {
@@ -140,7 +164,11 @@ impl Request {
     pub fn is_node_to_node(&self) -> bool {
         matches!(
             self,
-            Request::Join { .. } | Request::Forward { .. } | Request::Announce { .. }
+            Request::Join { .. }
+                | Request::Forward { .. }
+                | Request::Announce { .. }
+                | Request::Replicate { .. }
+                | Request::Fetch { .. }
         )
     }
 
@@ -157,6 +185,8 @@ impl Request {
             Request::Join { .. } => "join",
             Request::Forward { .. } => "forward",
             Request::Announce { .. } => "announce",
+            Request::Replicate { .. } => "replicate",
+            Request::Fetch { .. } => "fetch",
         }
     }
 }
@@ -213,6 +243,8 @@ pub enum Reply {
         key_id: NodeId,
         owner: NodeId,
         hops: u32,
+        /// Nodes that hold the value now, the root included.
+        replicas: usize,
     },
     Value {
         key: String,
@@ -230,6 +262,8 @@ pub enum Reply {
         existed: bool,
         owner: NodeId,
         hops: u32,
+        /// Nodes that hold the tombstone now, the root included.
+        replicas: usize,
     },
     Route {
         key: String,
@@ -256,6 +290,8 @@ pub enum Reply {
         keys: usize,
         connections_open: u64,
         peers_failed: u64,
+        /// Copies of keys other nodes took from our replication pushes.
+        keys_replicated: u64,
         uptime_ms: u64,
     },
     /// The reply to `join`: what the nodes on the route contributed.
@@ -279,6 +315,15 @@ pub enum Reply {
         leaf_set: Vec<NodeInfo>,
         #[serde(default)]
         rows: Vec<NodeInfo>,
+    },
+    /// The reply to `replicate`: how many of the copies were newer and kept.
+    Replicated {
+        applied: usize,
+    },
+    /// The reply to `fetch`: our entry for the key, tombstone included.
+    Entry {
+        key: String,
+        entry: Option<Versioned>,
     },
     Error {
         code: i64,
@@ -406,7 +451,9 @@ fn validate(request: &Request) -> Result<(), (i64, String)> {
         Request::Put { key, .. }
         | Request::Get { key }
         | Request::Delete { key }
-        | Request::Route { key } => check_key(key),
+        | Request::Route { key }
+        | Request::Fetch { key } => check_key(key),
+        Request::Replicate { entries } => entries.iter().try_for_each(|e| check_key(&e.key)),
         Request::Join { node } | Request::Announce { node, .. } => check_node(node),
         Request::Forward { hops, op } => {
             if *hops > MAX_HOPS {
@@ -472,6 +519,16 @@ pub fn handle(node: &Node, request: Request, transport: &dyn Transport) -> Reply
         Request::Join { node: joiner } => route_op(node, Op::Join { node: joiner }, 0, transport),
         Request::Forward { hops, op } => route_op(node, op, hops, transport),
         Request::Status => node.status(),
+        Request::Replicate { entries } => Reply::Replicated {
+            applied: entries
+                .into_iter()
+                .filter(|e| node.store_apply(&e.key, e.entry.clone()))
+                .count(),
+        },
+        Request::Fetch { key } => Reply::Entry {
+            entry: node.store_entry(&key),
+            key,
+        },
         Request::Stats => node.stats(),
         Request::Announce { node: from, rows } => {
             // Nothing here is taken on trust: `learn` drops entries whose id is not
@@ -539,7 +596,7 @@ fn route_op(node: &Node, op: Op, hops: u32, transport: &dyn Transport) -> Reply 
     loop {
         let decision = node.route(&key_id, |id| dead.contains(id) || Some(*id) == joiner);
         let next = match decision {
-            Route::Deliver => return deliver(node, op, hops),
+            Route::Deliver => return deliver(node, op, hops, transport),
             Route::Forward { next, via } => {
                 node.count_forward(via);
                 next
@@ -623,33 +680,41 @@ fn relay(node: &Node, op: &Op, hops: u32, reply: Reply) -> Reply {
 }
 
 /// Performs `op` at its root, this node.
-fn deliver(node: &Node, op: Op, hops: u32) -> Reply {
+fn deliver(node: &Node, op: Op, hops: u32, transport: &dyn Transport) -> Reply {
     let owner = node.own().node_id;
     match op {
         Op::Put { key, value } => {
-            node.store_put(&key, value);
+            let entry = node.store_write(&key, Some(value));
+            let replicas = 1 + replicate(node, &key, entry, transport);
             Reply::PutOk {
                 key_id: NodeId::for_key(&key),
                 key,
                 owner,
                 hops,
+                replicas,
             }
         }
-        Op::Get { key } => match node.store_get(&key) {
-            Some(value) => Reply::Value {
+        Op::Get { key } => match newest_entry(node, &key, transport) {
+            Some(e) if !e.deleted => Reply::Value {
                 key,
-                value,
+                value: e.value,
                 owner,
                 hops,
             },
-            None => Reply::NotFound { key, owner, hops },
+            _ => Reply::NotFound { key, owner, hops },
         },
-        Op::Delete { key } => Reply::Deleted {
-            existed: node.store_delete(&key),
-            key,
-            owner,
-            hops,
-        },
+        Op::Delete { key } => {
+            let existed = newest_entry(node, &key, transport).is_some_and(|e| !e.deleted);
+            let tombstone = node.store_write(&key, None);
+            let replicas = 1 + replicate(node, &key, tombstone, transport);
+            Reply::Deleted {
+                existed,
+                key,
+                owner,
+                hops,
+                replicas,
+            }
+        }
         Op::Route { key } => Reply::Route {
             key_id: NodeId::for_key(&key),
             key,
@@ -670,6 +735,61 @@ fn deliver(node: &Node, op: Op, hops: u32) -> Reply {
             hops,
         },
     }
+}
+
+/// Sends the root's new `entry` for `key` to the other members of its replica
+/// set, and returns how many took it: the honest count behind `replicas`.
+fn replicate(node: &Node, key: &str, entry: Versioned, transport: &dyn Transport) -> usize {
+    let own = node.own().node_id;
+    let request = Request::Replicate {
+        entries: vec![KeyEntry {
+            key: key.to_string(),
+            entry,
+        }],
+    };
+    let mut held = 0;
+    for peer in node.replica_set(&NodeId::for_key(key)) {
+        if peer.node_id == own {
+            continue;
+        }
+        match transport.call(&peer, &request) {
+            Ok(Reply::Replicated { .. }) => held += 1,
+            Ok(_) => {}
+            Err(_) => node.suspect(peer),
+        }
+    }
+    held
+}
+
+/// Our entry for `key`, or, if we have none (we may have just become its root),
+/// the newest one held by the rest of its replica set, which we then keep.
+fn newest_entry(node: &Node, key: &str, transport: &dyn Transport) -> Option<Versioned> {
+    if let Some(e) = node.store_entry(key) {
+        return Some(e);
+    }
+    let own = node.own().node_id;
+    let request = Request::Fetch {
+        key: key.to_string(),
+    };
+    let mut newest: Option<Versioned> = None;
+    for peer in node.replica_set(&NodeId::for_key(key)) {
+        if peer.node_id == own {
+            continue;
+        }
+        match transport.call(&peer, &request) {
+            Ok(Reply::Entry { entry: Some(e), .. }) => {
+                if newest.as_ref().is_none_or(|n| e.supersedes(n)) {
+                    newest = Some(e);
+                }
+            }
+            Ok(_) => {}
+            Err(_) => node.suspect(peer),
+        }
+    }
+    if let Some(e) = &newest {
+        node.store_apply(key, e.clone());
+    }
+    newest
 }
 
 /// What `help` says: every client command with its fields.

@@ -11,7 +11,10 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use pastry::utils::{shl, NodeId};
+use pastry::utils::{closer_to, shl, NodeId};
+
+/// k, the default number of nodes that hold each key.
+const REPLICAS: usize = 3;
 use serde_json::{json, Value};
 use support::{ceil_log16, error_code, id_field, rpc, wait_until, Bootstrap, LocalCluster, Raw};
 
@@ -115,6 +118,10 @@ fn every_key_is_found_from_every_node() {
         );
         assert_eq!(r["type"], "put_ok", "put {} through node {k}: {r}", key(k));
         assert_eq!(r["key"], key(k), "{r}");
+        assert_eq!(
+            r["replicas"], REPLICAS,
+            "held by the whole replica set: {r}"
+        );
         let key_id = NodeId::for_key(&key(k));
         assert_eq!(
             id_field(&r, "key_id"),
@@ -155,14 +162,23 @@ fn every_key_is_found_from_every_node() {
             }
             total_hops += h;
         }
-        // Exactly the root holds the key.
+        // Exactly the replica set holds the key: the root and the next nodes
+        // numerically closest to the key id (k = 3 by default).
+        let mut ids = c.ids();
+        ids.sort_by(|a, b| closer_to(&key_id, a, b));
+        let mut expected: Vec<usize> = ids[..REPLICAS]
+            .iter()
+            .map(|id| c.index_of(id).unwrap())
+            .collect();
+        expected.sort_unstable();
+        assert!(expected.contains(&c.index_of(&root).unwrap()));
         let holders: Vec<usize> = (0..n)
             .filter(|&i| c.node(i).node().store_get(&key(k)).is_some())
             .collect();
         assert_eq!(
             holders,
-            vec![c.index_of(&root).unwrap()],
-            "{} must be stored on its root only",
+            expected,
+            "{} must be stored on its replica set only",
             key(k)
         );
     }
@@ -180,7 +196,7 @@ fn every_key_is_found_from_every_node() {
                 .unwrap()
         })
         .sum();
-    assert_eq!(keys, n as u64);
+    assert_eq!(keys, (n * REPLICAS) as u64);
 }
 
 /// `route` from every node for keys spread over the ring: the path starts at the

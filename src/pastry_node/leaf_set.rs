@@ -110,10 +110,18 @@ impl LeafSet {
 
     /// Removes the node with id `id`. Returns true if it was a member.
     pub fn remove(&mut self, id: &NodeId) -> bool {
-        let before = self.len();
-        self.smaller.retain(|n| n.node_id != *id);
-        self.larger.retain(|n| n.node_id != *id);
-        before != self.len()
+        if !self.contains(id) {
+            return false;
+        }
+        // Recompute both sides from the rest: in a small network (a leaf set
+        // that is not full) a member may have to move to the other side.
+        let rest: Vec<NodeInfo> = self
+            .members()
+            .filter(|n| n.node_id != *id)
+            .copied()
+            .collect();
+        self.rebuild(rest);
+        true
     }
 
     /// Recomputes both sides from `candidates` (no duplicates, not `own`).

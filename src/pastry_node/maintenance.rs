@@ -23,7 +23,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::join::announce;
 use super::transport::Transport;
-use super::Node;
+use super::{KeyEntry, Node};
+use crate::message_handler::{Reply, Request};
 use crate::utils::NodeInfo;
 
 /// What the maintenance thread is asked to do.
@@ -63,15 +64,22 @@ pub fn handle_event(node: &Node, event: Event, transport: &dyn Transport) -> boo
             }
         }
         Event::Tick => {
+            let tick = node.next_tick();
             // The heartbeat: exchange leaf sets with every member.
             announce(node, transport, node.leaf_set_members());
+            // Replication: when the leaf set has changed, some replica sets have
+            // too (a newcomer became root or replica of some of our keys, or a
+            // holder died): push our copies to every other member. Now and then
+            // anyway, as the safety net.
+            if node.replication_due(tick) {
+                push_replicas(node, transport);
+            }
             // Routing-table upkeep, one row per tick: measure every entry of the
             // row again (finding the dead, keeping proximities current), and
             // exchange rows with one of them (the paper's periodic refresh, which
             // also fills slots that no join ever filled).
             let rows = node.routing_rows_used();
             if rows > 0 {
-                let tick = node.next_tick();
                 let row = (tick % rows as u64) as usize;
                 let entries = node.routing_row(row);
                 for e in &entries {
@@ -95,6 +103,50 @@ pub fn handle_event(node: &Node, event: Event, transport: &dyn Transport) -> boo
         Event::Shutdown => return false,
     }
     true
+}
+
+/// Copies per `replicate` message, so that a batch stays well within the line
+/// limit for small values (large ones are sent one per message).
+const REPLICATE_BATCH_BYTES: usize = 256 * 1024;
+
+/// Pushes every key we hold as root or replica to the other members of its
+/// replica set, in batches. Receivers keep only what is newer than their copy.
+fn push_replicas(node: &Node, transport: &dyn Transport) {
+    for (peer, entries) in node.replication_batches() {
+        let mut batch: Vec<KeyEntry> = Vec::new();
+        let mut bytes = 0;
+        for e in entries {
+            let size = e.key.len() + serde_json::to_string(&e.entry.value).map_or(0, |v| v.len());
+            if !batch.is_empty() && bytes + size > REPLICATE_BATCH_BYTES {
+                send_batch(node, transport, peer, std::mem::take(&mut batch));
+                bytes = 0;
+            }
+            bytes += size;
+            batch.push(e);
+        }
+        if !batch.is_empty() {
+            send_batch(node, transport, peer, batch);
+        }
+    }
+}
+
+fn send_batch(node: &Node, transport: &dyn Transport, peer: NodeInfo, entries: Vec<KeyEntry>) {
+    if node.is_stopping() {
+        return;
+    }
+    let count = entries.len();
+    match transport.call(&peer, &Request::Replicate { entries }) {
+        Ok(Reply::Replicated { applied }) if applied > 0 => {
+            node.count_replicated(applied as u64);
+            log::debug!(
+                "{} of {count} copies taken by {}",
+                applied,
+                peer.node_id.short()
+            );
+        }
+        Ok(_) => {}
+        Err(_) => node.suspect(peer),
+    }
 }
 
 fn declare_dead(node: &Node, peer: NodeInfo, transport: &dyn Transport) {

@@ -37,7 +37,7 @@ use crate::message_handler::{LeafSetView, NeighborView, Reply, TableEntryView};
 use crate::utils::{shl, NodeId, NodeInfo, LEAF_SET_SIZE, NEIGHBORHOOD_SIZE};
 use maintenance::Event;
 use router::{Route, RoutingState};
-use store::Store;
+use store::{Store, Versioned};
 use transport::TcpTransport;
 
 /// Settings of one node.
@@ -55,6 +55,9 @@ pub struct Config {
     pub call_timeout: Duration,
     /// Longest line accepted, terminator excluded.
     pub max_line: usize,
+    /// k: how many nodes hold each key (the root and its k - 1 nearest leaf-set
+    /// neighbours); at most |L|/2 + 1.
+    pub replicas: usize,
 }
 
 impl Default for Config {
@@ -66,6 +69,7 @@ impl Default for Config {
             connect_timeout: Duration::from_millis(1000),
             call_timeout: Duration::from_millis(5000),
             max_line: 1 << 20,
+            replicas: 3,
         }
     }
 }
@@ -80,6 +84,8 @@ struct Stats {
     errors: AtomicU64,
     connections_open: AtomicU64,
     peers_failed: AtomicU64,
+    /// Copies other nodes took from our replication pushes.
+    keys_replicated: AtomicU64,
 }
 
 struct Shared {
@@ -97,7 +103,21 @@ struct Shared {
     stopping: AtomicBool,
     /// Timer ticks so far: which routing-table row the next tick looks after.
     ticks: AtomicU64,
+    /// The leaf set at the last replication round.
+    last_replicated_leaf_set: Mutex<Vec<NodeId>>,
     started: Instant,
+}
+
+/// Every this many ticks a node pushes its keys to their replica sets even if
+/// its leaf set has not changed: anti-entropy, the safety net for a lost push.
+const REPLICATION_PERIOD_TICKS: u64 = 10;
+
+/// A key and one version of it, as replicas exchange them.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KeyEntry {
+    pub key: String,
+    #[serde(flatten)]
+    pub entry: Versioned,
 }
 
 /// What [`Node::forget`] did.
@@ -145,6 +165,7 @@ impl Node {
                 probing: Mutex::new(HashMap::new()),
                 stopping: AtomicBool::new(false),
                 ticks: AtomicU64::new(0),
+                last_replicated_leaf_set: Mutex::new(Vec::new()),
                 started: Instant::now(),
             }),
         };
@@ -426,16 +447,90 @@ impl Node {
         let _ = self.shared.events.send(event);
     }
 
-    pub fn store_put(&self, key: &str, value: Value) {
-        self.store_mut().put(key, value);
+    /// The root's write of `key` (a delete when `value` is `None`), versioned by
+    /// the wall clock.
+    pub fn store_write(&self, key: &str, value: Option<Value>) -> Versioned {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.store_mut().write(key, value, now_ms)
     }
 
+    /// Takes in a copy of `key` from another node if it is newer than ours.
+    pub fn store_apply(&self, key: &str, entry: Versioned) -> bool {
+        self.store_mut().apply(key, entry)
+    }
+
+    /// Our entry for `key`, tombstone included.
+    pub fn store_entry(&self, key: &str) -> Option<Versioned> {
+        self.store().entry(key).cloned()
+    }
+
+    /// Our live value for `key`.
     pub fn store_get(&self, key: &str) -> Option<Value> {
         self.store().get(key).cloned()
     }
 
-    pub fn store_delete(&self, key: &str) -> bool {
-        self.store_mut().delete(key)
+    /// The replica set of `key_id` as we see it: the k nodes of L ∪ {us}
+    /// numerically closest to it, closest first (the root first).
+    pub fn replica_set(&self, key_id: &NodeId) -> Vec<NodeInfo> {
+        let r = self.routing();
+        let mut all: Vec<NodeInfo> = r.leaf_set.members().copied().collect();
+        all.push(self.shared.own);
+        all.sort_by(|a, b| crate::utils::closer_to(key_id, &a.node_id, &b.node_id));
+        all.truncate(self.replicas());
+        all
+    }
+
+    /// k, bounded by what the leaf set can see: |L|/2 + 1.
+    pub fn replicas(&self) -> usize {
+        let c = &self.shared.config;
+        c.replicas.clamp(1, c.leaf_set_size / 2 + 1)
+    }
+
+    /// For each other member of the replica sets we belong to, the entries it
+    /// should hold: what a replication round pushes.
+    pub fn replication_batches(&self) -> HashMap<NodeInfo, Vec<KeyEntry>> {
+        let own = self.shared.own.node_id;
+        let keys: Vec<(String, NodeId, Versioned)> = self
+            .store()
+            .iter()
+            .map(|(k, s)| (k.clone(), s.key_id, s.entry.clone()))
+            .collect();
+        let mut out: HashMap<NodeInfo, Vec<KeyEntry>> = HashMap::new();
+        for (key, key_id, entry) in keys {
+            let set = self.replica_set(&key_id);
+            if !set.iter().any(|n| n.node_id == own) {
+                continue;
+            }
+            for n in set.into_iter().filter(|n| n.node_id != own) {
+                out.entry(n).or_default().push(KeyEntry {
+                    key: key.clone(),
+                    entry: entry.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Whether a replication round is due at this tick: the leaf set changed since
+    /// the last round (a node joined or died near us), or it is the periodic
+    /// round, the safety net.
+    pub(crate) fn replication_due(&self, tick: u64) -> bool {
+        let now: Vec<NodeId> = self
+            .routing()
+            .leaf_set
+            .members()
+            .map(|n| n.node_id)
+            .collect();
+        let mut last = self
+            .shared
+            .last_replicated_leaf_set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let changed = *last != now;
+        *last = now;
+        changed || tick.is_multiple_of(REPLICATION_PERIOD_TICKS)
     }
 
     pub fn key_count(&self) -> usize {
@@ -472,6 +567,13 @@ impl Node {
     /// Entries in this node's routing table.
     pub fn routing_table_len(&self) -> usize {
         self.routing().routing_table.len()
+    }
+
+    pub(crate) fn count_replicated(&self, n: u64) {
+        self.shared
+            .stats
+            .keys_replicated
+            .fetch_add(n, Ordering::Relaxed);
     }
 
     pub(crate) fn count_error(&self) {
@@ -554,6 +656,7 @@ impl Node {
             keys: self.key_count(),
             connections_open: s.connections_open.load(Ordering::Relaxed),
             peers_failed: s.peers_failed.load(Ordering::Relaxed),
+            keys_replicated: s.keys_replicated.load(Ordering::Relaxed),
             uptime_ms: self.shared.started.elapsed().as_millis() as u64,
         }
     }

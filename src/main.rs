@@ -219,8 +219,10 @@ fn run(opts: Options) -> Result<ExitCode, String> {
     }
 
     let _ = stop_rx.recv();
-    log::info!("stopping");
-    node.shutdown();
+    // Leave gracefully: our keys go to the nodes that keep them once we are gone.
+    // (A second Ctrl-C exits at once, see the handler above.)
+    log::info!("stopping: handing our keys to the nodes that keep them");
+    node.leave();
     Ok(ExitCode::SUCCESS)
 }
 

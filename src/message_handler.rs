@@ -762,28 +762,44 @@ fn replicate(node: &Node, key: &str, entry: Versioned, transport: &dyn Transport
 }
 
 /// Our entry for `key`, or, if we have none (we may have just become its root),
-/// the newest one held by the rest of its replica set, which we then keep.
+/// the newest one held by the rest of its replica set, which we then keep. If none
+/// of them has it either, the rest of the leaf set is asked: after several nodes
+/// joined near the key, its old holders may all be outside the replica set until
+/// the next replication round moves the key.
 fn newest_entry(node: &Node, key: &str, transport: &dyn Transport) -> Option<Versioned> {
     if let Some(e) = node.store_entry(key) {
         return Some(e);
     }
     let own = node.own().node_id;
+    let key_id = NodeId::for_key(key);
     let request = Request::Fetch {
         key: key.to_string(),
     };
+    let replicas = node.replica_set(&key_id);
+    let mut rest: Vec<NodeInfo> = node
+        .leaf_set_members()
+        .into_iter()
+        .filter(|n| !replicas.iter().any(|r| r.node_id == n.node_id))
+        .collect();
+    rest.sort_by(|a, b| crate::utils::closer_to(&key_id, &a.node_id, &b.node_id));
     let mut newest: Option<Versioned> = None;
-    for peer in node.replica_set(&NodeId::for_key(key)) {
-        if peer.node_id == own {
-            continue;
-        }
-        match transport.call(&peer, &request) {
-            Ok(Reply::Entry { entry: Some(e), .. }) => {
-                if newest.as_ref().is_none_or(|n| e.supersedes(n)) {
-                    newest = Some(e);
-                }
+    for round in [replicas, rest] {
+        for peer in round {
+            if peer.node_id == own {
+                continue;
             }
-            Ok(_) => {}
-            Err(_) => node.suspect(peer),
+            match transport.call(&peer, &request) {
+                Ok(Reply::Entry { entry: Some(e), .. }) => {
+                    if newest.as_ref().is_none_or(|n| e.supersedes(n)) {
+                        newest = Some(e);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => node.suspect(peer),
+            }
+        }
+        if newest.is_some() {
+            break;
         }
     }
     if let Some(e) = &newest {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use pastry::utils::{closer_to, NodeId};
 use serde_json::{json, Value};
-use support::{id_field, rpc, wait_until, LocalCluster};
+use support::{id_field, rpc, test_config, wait_until, Bootstrap, LocalCluster};
 
 const K: usize = 3;
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -143,4 +143,36 @@ fn a_deleted_key_stays_deleted_through_repair() {
         let r = rpc(c.addr(asked), &json!({"type": "get", "key": key(0)}));
         assert_eq!(r["type"], "not_found", "from node {asked}: {r}");
     }
+}
+
+/// With a single copy per key (k = 1), a key lives on its root alone: a node that
+/// leaves gracefully must hand its keys to the nodes that take over, and every key
+/// is readable at once.
+#[test]
+fn a_leaving_node_hands_its_keys_over() {
+    let config = pastry::pastry_node::Config {
+        replicas: 1,
+        ..test_config()
+    };
+    let mut c = LocalCluster::with(12, config, Bootstrap::Random(5));
+    c.wait_for_ideal_leaf_sets(DEADLINE);
+    let count = 40;
+    let live = c.live();
+    for i in 0..count {
+        let r = rpc(
+            c.addr(live[i % live.len()]),
+            &json!({"type": "put", "key": key(i), "value": {"n": i}}),
+        );
+        assert_eq!(r["replicas"], 1, "{r}");
+    }
+    // The root of key 0 leaves, with whatever else it is root of.
+    let root = c
+        .index_of(&c.brute_force_root(&NodeId::for_key(&key(0))))
+        .unwrap();
+    let held = c.node(root).node().key_count();
+    assert!(held >= 1);
+    let taken = c.leave(root);
+    assert_eq!(taken, held, "every key it held was taken over");
+    // No waiting: the keys are where lookups now go.
+    all_readable_everywhere(&c, count).unwrap();
 }

@@ -113,39 +113,72 @@ const REPLICATE_BATCH_BYTES: usize = 256 * 1024;
 /// replica set, in batches. Receivers keep only what is newer than their copy.
 fn push_replicas(node: &Node, transport: &dyn Transport) {
     for (peer, entries) in node.replication_batches() {
-        let mut batch: Vec<KeyEntry> = Vec::new();
-        let mut bytes = 0;
-        for e in entries {
-            let size = e.key.len() + serde_json::to_string(&e.entry.value).map_or(0, |v| v.len());
-            if !batch.is_empty() && bytes + size > REPLICATE_BATCH_BYTES {
-                send_batch(node, transport, peer, std::mem::take(&mut batch));
-                bytes = 0;
+        for chunk in batches(entries) {
+            if node.is_stopping() {
+                return;
             }
-            bytes += size;
-            batch.push(e);
-        }
-        if !batch.is_empty() {
-            send_batch(node, transport, peer, batch);
+            send_batch(node, transport, peer, chunk);
         }
     }
 }
 
-fn send_batch(node: &Node, transport: &dyn Transport, peer: NodeInfo, entries: Vec<KeyEntry>) {
-    if node.is_stopping() {
-        return;
+/// A leaving node's hand-off: every key it holds goes to the nodes that hold it
+/// once it has gone. Returns how many copies were taken.
+pub fn hand_off(node: &Node, transport: &dyn Transport) -> usize {
+    let mut taken = 0;
+    for (peer, entries) in node.handoff_batches() {
+        for chunk in batches(entries) {
+            taken += send_batch(node, transport, peer, chunk);
+        }
     }
+    if taken > 0 {
+        log::info!("handed {taken} copies to the nodes that keep our keys");
+    }
+    taken
+}
+
+/// Splits `entries` into `replicate` messages of about REPLICATE_BATCH_BYTES.
+fn batches(entries: Vec<KeyEntry>) -> Vec<Vec<KeyEntry>> {
+    let mut out = Vec::new();
+    let mut batch: Vec<KeyEntry> = Vec::new();
+    let mut bytes = 0;
+    for e in entries {
+        let size = e.key.len() + serde_json::to_string(&e.entry.value).map_or(0, |v| v.len());
+        if !batch.is_empty() && bytes + size > REPLICATE_BATCH_BYTES {
+            out.push(std::mem::take(&mut batch));
+            bytes = 0;
+        }
+        bytes += size;
+        batch.push(e);
+    }
+    if !batch.is_empty() {
+        out.push(batch);
+    }
+    out
+}
+
+/// Sends one batch of copies; returns how many the peer took.
+fn send_batch(
+    node: &Node,
+    transport: &dyn Transport,
+    peer: NodeInfo,
+    entries: Vec<KeyEntry>,
+) -> usize {
     let count = entries.len();
     match transport.call(&peer, &Request::Replicate { entries }) {
-        Ok(Reply::Replicated { applied }) if applied > 0 => {
+        Ok(Reply::Replicated { applied }) => {
             node.count_replicated(applied as u64);
             log::debug!(
-                "{} of {count} copies taken by {}",
-                applied,
+                "{applied} of {count} copies taken by {}",
                 peer.node_id.short()
             );
+            applied
         }
-        Ok(_) => {}
-        Err(_) => node.suspect(peer),
+        Ok(_) => 0,
+        Err(_) => {
+            node.suspect(peer);
+            0
+        }
     }
 }
 

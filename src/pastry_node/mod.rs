@@ -491,6 +491,17 @@ impl Node {
     /// For each other member of the replica sets we belong to, the entries it
     /// should hold: what a replication round pushes.
     pub fn replication_batches(&self) -> HashMap<NodeInfo, Vec<KeyEntry>> {
+        self.batches(false)
+    }
+
+    /// For a node about to leave: for each key it holds, the k nodes of its leaf
+    /// set closest to the key (the replica set once it has gone), and the entries
+    /// each should hold.
+    pub fn handoff_batches(&self) -> HashMap<NodeInfo, Vec<KeyEntry>> {
+        self.batches(true)
+    }
+
+    fn batches(&self, leaving: bool) -> HashMap<NodeInfo, Vec<KeyEntry>> {
         let own = self.shared.own.node_id;
         let keys: Vec<(String, NodeId, Versioned)> = self
             .store()
@@ -499,10 +510,19 @@ impl Node {
             .collect();
         let mut out: HashMap<NodeInfo, Vec<KeyEntry>> = HashMap::new();
         for (key, key_id, entry) in keys {
-            let set = self.replica_set(&key_id);
-            if !set.iter().any(|n| n.node_id == own) {
-                continue;
-            }
+            let set = if leaving {
+                let r = self.routing();
+                let mut l: Vec<NodeInfo> = r.leaf_set.members().copied().collect();
+                l.sort_by(|a, b| crate::utils::closer_to(&key_id, &a.node_id, &b.node_id));
+                l.truncate(self.replicas());
+                l
+            } else {
+                let set = self.replica_set(&key_id);
+                if !set.iter().any(|n| n.node_id == own) {
+                    continue;
+                }
+                set
+            };
             for n in set.into_iter().filter(|n| n.node_id != own) {
                 out.entry(n).or_default().push(KeyEntry {
                     key: key.clone(),
@@ -710,7 +730,17 @@ impl RunningNode {
         self.node.own().node_id
     }
 
-    /// Stops the server and maintenance threads and waits for them.
+    /// Leaves the network gracefully: hands every key this node holds to the
+    /// nodes that hold it once it has gone, then stops. Returns how many copies
+    /// the others took.
+    pub fn leave(&mut self) -> usize {
+        let taken = maintenance::hand_off(&self.node, self.transport.as_ref());
+        self.shutdown();
+        taken
+    }
+
+    /// Stops the server and maintenance threads and waits for them, without a
+    /// word to anyone: to the rest of the network this is a failure.
     pub fn shutdown(&mut self) {
         if let Some(mut s) = self.server.take() {
             s.shutdown();

@@ -271,6 +271,15 @@ impl LocalCluster {
         }
     }
 
+    /// Node `i` leaves gracefully: hands its keys over, then stops. Returns how
+    /// many copies the others took.
+    pub fn leave(&mut self, i: usize) -> usize {
+        let mut node = self.nodes[i]
+            .take()
+            .unwrap_or_else(|| panic!("node {i} was already stopped"));
+        node.leave()
+    }
+
     /// Stops node `i` (its server, connections and maintenance thread).
     pub fn kill(&mut self, i: usize) {
         let mut node = self.nodes[i]

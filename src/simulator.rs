@@ -21,6 +21,7 @@
 //! Everything is seeded: the same seed gives the same network and the same figures.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -60,6 +61,24 @@ impl Rng {
     /// Uniform in `[0, 1)`.
     pub fn unit(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// A fast hash for the simulator's address index (FxHash's multiply-rotate). The
+/// addresses are the simulator's own, so there is no one to mount a collision
+/// attack; the node itself keeps the standard library's keyed hash.
+#[derive(Default)]
+pub struct FastHasher(u64);
+
+impl Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ b as u64).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
     }
 }
 
@@ -125,7 +144,7 @@ impl Messages {
 /// A simulated network.
 pub struct Network {
     nodes: Vec<SimNode>,
-    by_addr: HashMap<SocketAddr, usize>,
+    by_addr: HashMap<SocketAddr, usize, BuildHasherDefault<FastHasher>>,
     /// Nodes that may have maintenance events waiting.
     dirty: Mutex<Vec<usize>>,
     counters: Counters,
@@ -238,7 +257,7 @@ impl Network {
     pub fn new(seed: u64, proximity: Proximity, config: Config) -> Network {
         Network {
             nodes: Vec::new(),
-            by_addr: HashMap::new(),
+            by_addr: HashMap::default(),
             dirty: Mutex::new(Vec::new()),
             counters: Counters::default(),
             proximity,

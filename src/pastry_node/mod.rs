@@ -283,10 +283,15 @@ impl Node {
         }
         // Most nodes we hear of we know already or have no room for: decide that
         // under the read lock, before paying for the SHA-1 that checks the id.
-        if proximity.is_none() && !self.routing().would_take(&node.node_id) {
-            return false;
-        }
-        if !node.is_genuine() {
+        let known = {
+            let r = self.routing();
+            if proximity.is_none() && !r.would_take(&node.node_id) {
+                return false;
+            }
+            r.find(&node.node_id) == Some(node)
+        };
+        // A node we hold at the same address was checked when it came in.
+        if !known && !node.is_genuine() {
             return false;
         }
         let (now_leaf, leaf_len) = {

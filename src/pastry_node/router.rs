@@ -118,6 +118,22 @@ impl RoutingState {
         v
     }
 
+    /// The entry for `id` in L, R or M.
+    pub fn find(&self, id: &NodeId) -> Option<NodeInfo> {
+        if let Some((row, col)) = self.routing_table.slot_of(id) {
+            if let Some(e) = self.routing_table.get(row, col) {
+                if e.node.node_id == *id {
+                    return Some(e.node);
+                }
+            }
+        }
+        self.leaf_set
+            .members()
+            .chain(self.neighborhood.members().iter().map(|(n, _)| n))
+            .find(|n| n.node_id == *id)
+            .copied()
+    }
+
     pub fn knows(&self, id: &NodeId) -> bool {
         // The routing table answers in constant time; the sets are scanned.
         self.routing_table.contains(id)

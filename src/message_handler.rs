@@ -44,6 +44,8 @@ pub mod code {
     pub const HOP_CAP: i64 = -32002;
     /// The line is longer than the node accepts; the connection is then closed.
     pub const LINE_TOO_LONG: i64 = -32003;
+    /// The node serves as many connections as it may.
+    pub const BUSY: i64 = -32005;
     /// A node entry in a node-to-node message is not genuine.
     pub const BAD_NODE: i64 = -32004;
 }

@@ -573,3 +573,58 @@ fn concurrent_clients_are_served_independently() {
         }
     }
 }
+
+/// One connection more than the limit is answered with a `busy` error and
+/// closed; the connections already open are served as before, and once one
+/// closes there is room again.
+#[test]
+fn connections_beyond_the_limit_are_told_busy() {
+    let config = pastry::pastry_node::Config {
+        max_connections: 4,
+        ..support::test_config()
+    };
+    let node = support::start_node(config);
+    let addr = node.addr();
+    let mut open: Vec<Raw> = (0..4).map(|_| Raw::connect(addr)).collect();
+    for c in &mut open {
+        c.assert_usable();
+    }
+    let mut extra = Raw::connect(addr);
+    let r = extra.read();
+    assert_eq!(error_code(&r), -32005, "{r}");
+    assert!(r["message"].as_str().unwrap().contains("busy"), "{r}");
+    assert!(extra.client.read_line().is_err(), "then closed");
+    open[0].assert_usable();
+    drop(open.pop());
+    // The server notices the closed connection when its thread ends.
+    let served = support::wait_until(Duration::from_secs(5), || {
+        let mut c = Raw::connect(addr);
+        c.send(r#"{"type":"ping"}"#)["type"] == "pong"
+    });
+    assert!(served, "room again after a connection closed");
+}
+
+/// A client that stops in the middle of a line, or says nothing at all, is let
+/// go after the client timeout instead of holding a thread forever.
+#[test]
+fn silent_and_stalled_clients_are_let_go() {
+    let config = pastry::pastry_node::Config {
+        client_timeout: Duration::from_millis(300),
+        ..support::test_config()
+    };
+    let node = support::start_node(config);
+    let addr = node.addr();
+    let mut stalled = TcpStream::connect(addr).unwrap();
+    stalled.write_all(br#"{"type":"pi"#).unwrap();
+    let idle = TcpStream::connect(addr).unwrap();
+    for mut s in [stalled, idle] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 64];
+        // End of stream (or a reset): the node closed the connection.
+        let n = s.read(&mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "nothing is answered to a stalled or silent client");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    assert_eq!(rpc(addr, &json!({"type": "ping"}))["type"], "pong");
+}

@@ -55,6 +55,12 @@ pub struct Config {
     pub call_timeout: Duration,
     /// Longest line accepted, terminator excluded.
     pub max_line: usize,
+    /// Most connections served at once (each has a thread); one more is answered
+    /// with a `busy` error and closed.
+    pub max_connections: usize,
+    /// A connection that sends nothing for this long, between lines or in the
+    /// middle of one, is closed.
+    pub client_timeout: Duration,
     /// k: how many nodes hold each key (the root and its k - 1 nearest leaf-set
     /// neighbours); at most |L|/2 + 1.
     pub replicas: usize,
@@ -69,6 +75,8 @@ impl Default for Config {
             connect_timeout: Duration::from_millis(1000),
             call_timeout: Duration::from_millis(5000),
             max_line: 1 << 20,
+            max_connections: 1024,
+            client_timeout: Duration::from_secs(60),
             replicas: 3,
         }
     }

@@ -171,6 +171,18 @@ fn accept_loop(
                 continue;
             }
         };
+        // One thread per connection: a bound on connections is a bound on threads.
+        let open = conns.open.lock().unwrap_or_else(|e| e.into_inner()).len();
+        if open >= node.config().max_connections {
+            node.count_error();
+            let reply = Reply::error(
+                code::BUSY,
+                format!("busy: this node already serves {open} connections; try again later or another node"),
+            );
+            let mut s = &stream;
+            let _ = s.write_all(&encode(&reply, None));
+            continue;
+        }
         let id = conns.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(clone) = stream.try_clone() {
             conns
@@ -209,6 +221,10 @@ pub const NODE_LINE_HEADROOM: usize = 64 * 1024;
 /// Answers every line on one connection until the client closes it.
 fn serve_connection(stream: TcpStream, node: &Node, transport: &dyn Transport) {
     let _ = stream.set_nodelay(true);
+    // A client that goes silent, idle or in the middle of a line, is let go
+    // after this long, so that it cannot hold a thread forever.
+    let _ = stream.set_read_timeout(Some(node.config().client_timeout));
+    let _ = stream.set_write_timeout(Some(node.config().client_timeout));
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };

@@ -664,7 +664,7 @@ fn relay(node: &Node, op: &Op, hops: u32, reply: Reply) -> Reply {
             },
         ) => {
             path.insert(0, node.own());
-            rows.extend(node.rows_for(&joiner.node_id));
+            rows.extend(node.rows_for(&joiner.node_id, hops as usize, false));
             if hops == 0 {
                 neighborhood = node.neighborhood_members();
             }
@@ -727,7 +727,7 @@ fn deliver(node: &Node, op: Op, hops: u32, transport: &dyn Transport) -> Reply {
         Op::Join { node: joiner } => Reply::Joined {
             root: node.own(),
             path: vec![node.own()],
-            rows: node.rows_for(&joiner.node_id),
+            rows: node.rows_for(&joiner.node_id, hops as usize, true),
             leaf_set: node.leaf_set_members(),
             neighborhood: if hops == 0 {
                 node.neighborhood_members()

@@ -58,7 +58,7 @@ use pastry::utils::{NodeId, NodeInfo, LEAF_SET_SIZE};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-const USAGE: &str = "usage: bench [--nodes N] [--clients C] [--seconds S] [--keys K] [--value-bytes B] [--processes] [--json] [--tick-ms MS] [--seed S] | --memory-keys N | --join-test N";
+const USAGE: &str = "usage: bench [--nodes N] [--clients C] [--seconds S] [--keys K] [--value-bytes B] [--processes] [--keep-awake] [--json] [--tick-ms MS] [--seed S] | --memory-keys N | --join-test N";
 
 const HELP: &str = "\
 bench: throughput, latency, hops, CPU and memory of a Pastry network on loopback,
@@ -79,6 +79,10 @@ OPTIONS:
                        this one: build it with `cargo build --release`)
     --tick-ms MS       the nodes' maintenance tick (default 1000, the node's default)
     --seed S           seed of the client and bootstrap choices (default 1)
+    --keep-awake       run one spinning process per CPU at the idle scheduling class
+                       (`chrt --idle`), so that no CPU sleeps between messages: in a
+                       VM, waking a sleeping CPU can cost more than the round trip
+                       itself. The spinners run only when nothing else wants the CPU.
     --json             print one JSON object instead of tables
     -h, --help         this help
 ";
@@ -97,6 +101,9 @@ struct Options {
     tick_ms: u64,
     seed: u64,
     json: bool,
+    keep_awake: bool,
+    /// Internal: be a spinner of `--keep-awake`.
+    spin: bool,
     memory_keys: Option<usize>,
     join_test: Option<usize>,
 }
@@ -128,6 +135,8 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
         tick_ms: 1000,
         seed: 1,
         json: false,
+        keep_awake: false,
+        spin: false,
         memory_keys: None,
         join_test: None,
     };
@@ -153,6 +162,8 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
             "--join-test" => o.join_test = Some(number("--join-test", value("--join-test")?, 2)?),
             "--processes" => o.processes = true,
             "--json" => o.json = true,
+            "--keep-awake" => o.keep_awake = true,
+            "--spin" => o.spin = true,
             s => return Err(format!("unknown argument {s}")),
         }
     }
@@ -313,6 +324,41 @@ impl Drop for KillChildrenOnDrop {
     fn drop(&mut self) {
         kill_children();
     }
+}
+
+/// The spinners of `--keep-awake`: their CPU time is the bench's, not another
+/// program's.
+static SPINNERS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// Starts one spinner per CPU: this program with `--spin`, at the idle
+/// scheduling class, so that it yields to any other thread at once.
+fn keep_awake() -> Result<(), String> {
+    let me = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    for _ in 0..cpus() {
+        let child = Command::new("chrt")
+            .args(["--idle", "0"])
+            .arg(&me)
+            .arg("--spin")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start `chrt --idle 0 {} --spin`: {e}", me.display()))?;
+        SPINNERS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(child.id());
+        CHILDREN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(child);
+    }
+    Ok(())
+}
+
+fn spinners_cpu_seconds() -> f64 {
+    let pids = SPINNERS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    pids.into_iter().map(process_cpu_seconds).sum()
 }
 
 /// A running `pastry-node` child.
@@ -476,7 +522,7 @@ impl Network {
 
     /// The CPU seconds of everything the bench runs: itself and its nodes.
     fn all_cpu_seconds(&self) -> f64 {
-        let own = process_cpu_seconds(std::process::id());
+        let own = process_cpu_seconds(std::process::id()) + spinners_cpu_seconds();
         match self {
             Network::InProcess(_) => own,
             Network::Processes(_) => own + self.cpu_seconds(),
@@ -1187,6 +1233,7 @@ fn bench(opts: &Options) -> Result<Report, String> {
         "keys": opts.keys,
         "value_bytes": opts.value_bytes,
         "tick_ms": opts.tick_ms,
+        "keep_awake": opts.keep_awake,
         "cpus": cpus(),
         "start_seconds": round(start_s, 3),
         "converged": {"seconds": round(converged.seconds, 3), "ideal": converged.ideal},
@@ -1215,6 +1262,9 @@ fn bench(opts: &Options) -> Result<Report, String> {
         opts.value_bytes,
         cpus()
     );
+    if opts.keep_awake {
+        text += "--keep-awake: idle-class spinners keep every CPU from sleeping\n";
+    }
     text += &format!(
         "started in {start_s:.2} s; leaf sets {} {:.2} s later; loaded in {load_s:.2} s ({load_errors} errors)\n",
         if converged.ideal { "ideal" } else { "NOT ideal" },
@@ -1502,6 +1552,17 @@ fn main() -> ExitCode {
         std::process::exit(130);
     }) {
         eprintln!("warning: cannot install the signal handler: {e}");
+    }
+    if opts.spin {
+        loop {
+            std::hint::spin_loop();
+        }
+    }
+    if opts.keep_awake {
+        if let Err(e) = keep_awake() {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
     }
     let result = match (opts.memory_keys, opts.join_test) {
         (Some(n), _) => memory_keys(&opts, n),

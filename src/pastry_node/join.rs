@@ -2,17 +2,18 @@
 //!
 //! The paper's procedure, as [`join`] carries it out:
 //! 1. X asks A to route a `join` message with key = X's id.
-//! 2. The message travels to Z, the live node numerically closest to X. Every node
-//!    on the path contributes routing-table rows (the i-th node's row i is the one
-//!    the paper names; each here sends every row whose prefix X shares, which gives
-//!    X more choice at no extra message); Z contributes its leaf set; A, assumed near
-//!    X, contributes its neighborhood set.
-//! 3. X measures its proximity to every node it was told of and inserts them all
-//!    into its own L, R and M, keeping the nearest where several fit.
-//! 4. X announces itself to every node in its new state. Each answers with its
-//!    leaf set, from which X learns any node it still lacked; X announces itself to
-//!    those too ([`announce`]). This is how nodes that join at the same time, and
-//!    so missed each other in step 2, find each other.
+//! 2. The message travels to Z, the live node numerically closest to X. The i-th
+//!    node on the path (A is the 0th) contributes its routing-table row i, whose
+//!    entries share i digits with X too; Z, the last, also its deeper rows, and its
+//!    leaf set; A, assumed near X, contributes its neighborhood set.
+//! 3. and 4. X announces itself to every node it was told of. The announcement's
+//!    round trip measures the node's proximity, so X takes each in at a measured
+//!    proximity, keeping the nearest where several fit, without a separate probe.
+//!    Each answers with its leaf set and the routing-table row it shares with X;
+//!    the nodes named there are hearsay, measured by the maintenance thread before
+//!    they enter X's state, and announced to if they enter its leaf set. This is
+//!    how nodes that join at the same time, and so missed each other in step 2,
+//!    find each other.
 //!
 //! Deviation: MSPastry's consistent join (X accepts deliveries only once its leaf
 //! set has confirmed it) is not implemented yet: X answers as root as soon as its

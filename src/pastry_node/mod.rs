@@ -249,9 +249,6 @@ impl Node {
         r.neighborhood.members().iter().map(|(n, _)| *n).collect()
     }
 
-    /// The routing-table entries a joining node with id `joiner` can use: rows
-    /// 0 ..= shl(us, joiner), whose entries share the row's prefix with it too.
-    /// Ourselves included: we belong in one of its rows.
     /// The routing-table row that `peer` shares with us, row shl(us, peer), and
     /// ourselves: what an announcement and its reply pass on. That row is where
     /// the peer's own table is sparsest and hearsay helps most; the rows above it
@@ -265,13 +262,21 @@ impl Node {
         out
     }
 
-    pub fn rows_for(&self, joiner: &NodeId) -> Vec<NodeInfo> {
+    /// What the node at `position` on a join's path (the bootstrap is 0) gives
+    /// the joining node `joiner`, as the paper has it: the i-th node gives its
+    /// row i, whose entries share i digits with the joiner too. The root, the
+    /// last node, also gives its deeper rows up to the prefix it shares with the
+    /// joiner, since no node after it will. Ourselves included: we belong in one
+    /// of the joiner's rows.
+    pub fn rows_for(&self, joiner: &NodeId, position: usize, is_root: bool) -> Vec<NodeInfo> {
         let r = self.routing();
-        let last = shl(&self.shared.own.node_id, joiner);
+        let shared = shl(&self.shared.own.node_id, joiner);
+        let first = position.min(shared);
+        let last = if is_root { shared } else { first };
         let mut out: Vec<NodeInfo> = r
             .routing_table
             .entries()
-            .filter(|(row, _, _)| *row <= last)
+            .filter(|(row, _, _)| (first..=last).contains(row))
             .map(|(_, _, e)| e.node)
             .collect();
         out.push(self.shared.own);

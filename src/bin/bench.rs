@@ -202,9 +202,16 @@ fn process_cpu_seconds(pid: u32) -> f64 {
     stat_cpu_seconds(&format!("/proc/{pid}/stat")).unwrap_or(0.0)
 }
 
-/// CPU seconds of the calling thread only.
+/// CPU seconds of the calling thread only. From `schedstat` (nanoseconds): a
+/// thread's `stat` times are whole clock ticks, and a client thread may use less
+/// than one tick in a whole phase.
 fn thread_cpu_seconds() -> f64 {
-    stat_cpu_seconds("/proc/thread-self/stat").unwrap_or(0.0)
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|ns| ns as f64 / 1e9)
+        .or_else(|| stat_cpu_seconds("/proc/thread-self/stat"))
+        .unwrap_or(0.0)
 }
 
 /// Busy and stolen CPU seconds of the whole machine so far (all cores), from

@@ -390,3 +390,101 @@ fn two_processes_form_a_network_and_stop_on_sigterm() {
         );
     }
 }
+
+/// A network of `n` processes: the first starts it, the others join through it.
+fn process_network(n: usize, extra: &[&str]) -> (Vec<Proc>, Vec<SocketAddr>) {
+    let mut args = vec!["127.0.0.1", "0", "--tick-ms", "100", "--log-level", "info"];
+    args.extend_from_slice(extra);
+    let mut first = Proc::spawn(&args);
+    let first_addr = first.listening_addr();
+    let port = first_addr.port().to_string();
+    let mut procs = vec![first];
+    let mut addrs = vec![first_addr];
+    for _ in 1..n {
+        let mut a = vec!["127.0.0.1", "0", "127.0.0.1", port.as_str()];
+        a.extend_from_slice(&args[2..]);
+        let mut p = Proc::spawn(&a);
+        addrs.push(p.listening_addr());
+        p.wait_for_line("joined through");
+        procs.push(p);
+    }
+    (procs, addrs)
+}
+
+/// Whether every key is found, with its value, from every address in `from`.
+fn all_found(from: &[SocketAddr], keys: usize) -> bool {
+    from.iter().all(|&a| {
+        (0..keys).all(|i| {
+            let r = rpc(a, &json!({"type": "get", "key": format!("k{i}")}));
+            r["type"] == "value" && r["value"] == i
+        })
+    })
+}
+
+/// The goal of the fault-tolerance work, with real processes: two nodes killed
+/// at once with SIGKILL (the root of a key and its next replica among them) lose
+/// no acknowledged write; every survivor finds every key within 10 s.
+#[test]
+fn two_processes_killed_at_once_lose_no_acknowledged_key() {
+    let (mut procs, addrs) = process_network(8, &[]);
+    let keys = 30;
+    for i in 0..keys {
+        let r = rpc(
+            addrs[i % addrs.len()],
+            &json!({"type": "put", "key": format!("k{i}"), "value": i}),
+        );
+        assert_eq!(r["type"], "put_ok", "{r}");
+        assert_eq!(r["replicas"], 3, "{r}");
+    }
+    let key_id = NodeId::for_key("k0");
+    let mut by_closeness: Vec<usize> = (0..addrs.len()).collect();
+    by_closeness.sort_by(|&a, &b| {
+        pastry::utils::closer_to(
+            &key_id,
+            &NodeId::for_addr(&addrs[a]),
+            &NodeId::for_addr(&addrs[b]),
+        )
+    });
+    let victims = [by_closeness[0], by_closeness[1]];
+    for &v in &victims {
+        procs[v].child.kill().expect("SIGKILL");
+    }
+    let survivors: Vec<SocketAddr> = (0..addrs.len())
+        .filter(|i| !victims.contains(i))
+        .map(|i| addrs[i])
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || all_found(&survivors, keys)),
+        "some key was not found from every survivor within 10 s"
+    );
+}
+
+/// With one copy per key, a node stopped with SIGTERM hands its keys over before
+/// it exits (code 0): every key is found at once.
+#[test]
+fn a_process_stopped_with_sigterm_hands_its_keys_over() {
+    let (mut procs, addrs) = process_network(5, &["--replicas", "1"]);
+    let keys = 20;
+    for i in 0..keys {
+        let r = rpc(
+            addrs[0],
+            &json!({"type": "put", "key": format!("k{i}"), "value": i}),
+        );
+        assert_eq!(r["replicas"], 1, "{r}");
+    }
+    // The root of k0 leaves.
+    let root = id_field(
+        &rpc(addrs[0], &json!({"type": "get", "key": "k0"})),
+        "owner",
+    );
+    let leaving = (0..addrs.len())
+        .find(|&i| NodeId::for_addr(&addrs[i]) == root)
+        .unwrap();
+    procs[leaving].sigterm();
+    assert_eq!(procs[leaving].wait_exit().code(), Some(0));
+    let survivors: Vec<SocketAddr> = (0..addrs.len())
+        .filter(|&i| i != leaving)
+        .map(|i| addrs[i])
+        .collect();
+    assert!(all_found(&survivors, keys), "a key was lost on leave");
+}

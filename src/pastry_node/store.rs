@@ -63,7 +63,7 @@ impl Store {
     pub fn write(&mut self, key: &str, value: Option<Value>, now_ms: u64) -> Versioned {
         let previous = self.map.get(key).map_or(0, |s| s.entry.version);
         let entry = Versioned {
-            version: now_ms.max(previous + 1),
+            version: now_ms.max(previous.saturating_add(1)),
             deleted: value.is_none(),
             value: value.unwrap_or(Value::Null),
         };

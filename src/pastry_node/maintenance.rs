@@ -206,7 +206,11 @@ fn declare_dead(node: &Node, peer: NodeInfo, transport: &dyn Transport) {
 }
 
 /// Starts the maintenance thread of `node`.
-pub fn spawn(node: Node, events: Receiver<Event>, transport: Arc<dyn Transport>) -> JoinHandle<()> {
+pub fn spawn(
+    node: Node,
+    events: Receiver<Event>,
+    transport: Arc<dyn Transport>,
+) -> std::io::Result<JoinHandle<()>> {
     let tick = node.config().tick;
     std::thread::Builder::new()
         .name(format!("maintenance-{}", node.own().addr.port()))
@@ -232,5 +236,4 @@ pub fn spawn(node: Node, events: Receiver<Event>, transport: Arc<dyn Transport>)
                 }
             }
         })
-        .expect("cannot start the maintenance thread")
 }

@@ -722,7 +722,7 @@ impl RunningNode {
         let (node, events) = Node::new(addr, config.clone());
         let transport = Arc::new(TcpTransport::new(&config));
         let server = server::Server::start(listener, node.clone(), transport.clone())?;
-        let maintenance = maintenance::spawn(node.clone(), events, transport.clone());
+        let maintenance = maintenance::spawn(node.clone(), events, transport.clone())?;
         Ok(RunningNode {
             node,
             transport,

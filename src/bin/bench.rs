@@ -233,14 +233,36 @@ fn machine_cpu_seconds() -> (f64, f64) {
     (busy, field(7))
 }
 
+/// The machine's CPUs, which `/proc/stat` counts, whatever this process may use.
+fn machine_cpus() -> usize {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let n = stat
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count();
+    n.max(1)
+}
+
+/// The CPUs this process may run on (fewer than the machine's under `taskset`).
 fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Resident memory of a process, in KiB.
 fn vm_rss_kib(pid: u32) -> Option<u64> {
+    status_field(pid, "VmRSS:")
+}
+
+/// Threads of a process: each connection a node serves has one, and each
+/// thread's stack and buffers are part of the node's resident memory.
+fn threads_of(pid: u32) -> Option<u64> {
+    status_field(pid, "Threads:")
+}
+
+/// The first number of a `/proc/<pid>/status` line.
+fn status_field(pid: u32, name: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = s.lines().find(|l| l.starts_with(name))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
@@ -533,6 +555,17 @@ impl Network {
         match self {
             Network::InProcess(_) => own,
             Network::Processes(_) => own + self.cpu_seconds(),
+        }
+    }
+
+    /// Threads of each node process, or of the whole bench in-process.
+    fn threads(&self) -> Vec<u64> {
+        match self {
+            Network::InProcess(_) => vec![threads_of(std::process::id()).unwrap_or(0)],
+            Network::Processes(nodes) => nodes
+                .iter()
+                .map(|n| threads_of(n.pid).unwrap_or(0))
+                .collect(),
         }
     }
 
@@ -915,7 +948,7 @@ fn run_phase(w: &Workload, clients: usize, seconds: f64, meter: &CpuMeter, seed:
         let others = (busy1 - busy0) - (ours1 - ours0);
         (tallies, cpu1 - cpu0, others, steal1 - steal0)
     });
-    let capacity = cpus() as f64 * seconds / 100.0;
+    let capacity = machine_cpus() as f64 * seconds / 100.0;
     let mut phase = summarize(
         w.name,
         clients,
@@ -1192,6 +1225,7 @@ fn bench(opts: &Options) -> Result<Report, String> {
     };
     drop(baseline);
     let rss_after = network.rss_kib();
+    let threads_after = network.threads();
     let stats = network_stats(&addrs);
     drop(network);
     kill_children();
@@ -1222,6 +1256,7 @@ fn bench(opts: &Options) -> Result<Report, String> {
         "idle": rss_summary(&rss_idle),
         "loaded": rss_summary(&rss_loaded),
         "after_measuring": rss_summary(&rss_after),
+        "threads_after_measuring": threads_after,
     });
     let mut goals = json!({
         "per_hop_at_most_2x_baseline": per_hop_ratio <= 2.0,
@@ -1346,6 +1381,11 @@ fn bench(opts: &Options) -> Result<Report, String> {
             rss_text(&rss_loaded),
             rss_text(&rss_after),
             mark(idle_max_mib < 10.0)
+        );
+        text += &format!(
+            "threads per node process after measuring: min {} / max {}\n",
+            threads_after.iter().min().unwrap_or(&0),
+            threads_after.iter().max().unwrap_or(&0)
         );
     } else {
         text += &format!(

@@ -51,6 +51,9 @@ pub struct Stored {
 #[derive(Default, Debug)]
 pub struct Store {
     map: HashMap<String, Stored>,
+    /// Entries that are not tombstones, kept up to date so that `stats` does not
+    /// walk a million keys under the lock.
+    live: usize,
 }
 
 impl Store {
@@ -67,36 +70,40 @@ impl Store {
             deleted: value.is_none(),
             value: value.unwrap_or(Value::Null),
         };
-        self.map.insert(
-            key.to_string(),
-            Stored {
-                key_id: NodeId::for_key(key),
-                entry: entry.clone(),
-            },
-        );
+        self.set(key, entry.clone());
         entry
+    }
+
+    /// Puts `entry` in place of whatever `key` held, keeping the live count.
+    fn set(&mut self, key: &str, entry: Versioned) {
+        let now_live = !entry.deleted;
+        let stored = Stored {
+            key_id: NodeId::for_key(key),
+            entry,
+        };
+        let was_live = self
+            .map
+            .insert(key.to_string(), stored)
+            .is_some_and(|old| !old.entry.deleted);
+        match (was_live, now_live) {
+            (false, true) => self.live += 1,
+            (true, false) => self.live -= 1,
+            _ => {}
+        }
     }
 
     /// Takes in a copy from another node if it is newer than ours. Returns true
     /// if it was taken.
     pub fn apply(&mut self, key: &str, entry: Versioned) -> bool {
-        match self.map.get_mut(key) {
-            Some(s) if !entry.supersedes(&s.entry) => false,
-            Some(s) => {
-                s.entry = entry;
-                true
-            }
-            None => {
-                self.map.insert(
-                    key.to_string(),
-                    Stored {
-                        key_id: NodeId::for_key(key),
-                        entry,
-                    },
-                );
-                true
-            }
+        if self
+            .map
+            .get(key)
+            .is_some_and(|s| !entry.supersedes(&s.entry))
+        {
+            return false;
         }
+        self.set(key, entry);
+        true
     }
 
     /// The entry for `key`, tombstones included.
@@ -111,7 +118,7 @@ impl Store {
 
     /// Live keys (tombstones not counted).
     pub fn len(&self) -> usize {
-        self.map.values().filter(|s| !s.entry.deleted).count()
+        self.live
     }
 
     pub fn is_empty(&self) -> bool {
@@ -167,5 +174,11 @@ mod tests {
         assert!(!s.apply("k", v(4, false)));
         assert!(!s.apply("k", v(5, false)));
         assert_eq!(s.get("k"), None);
+        assert_eq!(s.len(), 0, "a tombstone is not a live key");
+        s.apply("k", v(6, false));
+        s.apply("other", v(1, false));
+        assert_eq!(s.len(), 2);
+        s.write("other", None, 0);
+        assert_eq!(s.len(), 1);
     }
 }

@@ -478,12 +478,17 @@ fn hop_cap_message() -> String {
 
 /// Encodes a reply as one line, `\n` included, echoing the client's `id`.
 pub fn encode(reply: &Reply, id: Option<Value>) -> Vec<u8> {
-    let mut out = match (id, serde_json::to_value(reply)) {
-        (Some(id), Ok(Value::Object(mut obj))) => {
-            obj.insert("id".to_string(), id);
-            serde_json::to_vec(&Value::Object(obj))
-        }
-        _ => serde_json::to_vec(reply),
+    // Most lines carry no `id` (nodes never send one): encode those directly,
+    // without building a `Value` first.
+    let mut out = match id {
+        None => serde_json::to_vec(reply),
+        Some(id) => match serde_json::to_value(reply) {
+            Ok(Value::Object(mut obj)) => {
+                obj.insert("id".to_string(), id);
+                serde_json::to_vec(&Value::Object(obj))
+            }
+            _ => serde_json::to_vec(reply),
+        },
     }
     .unwrap_or_else(|e| {
         format!("{{\"type\":\"error\",\"code\":-32000,\"message\":\"cannot encode reply: {e}\"}}")

@@ -132,12 +132,25 @@ pub fn in_arc(from: &NodeId, to: &NodeId, x: &NodeId) -> bool {
     from.cw_distance(x) <= from.cw_distance(to)
 }
 
+impl NodeId {
+    /// The 40 lowercase hex digits, without going through `core::fmt` per byte:
+    /// every message carries several ids, so this is on the hot path.
+    fn hex(&self) -> [u8; 2 * ID_BYTES] {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 2 * ID_BYTES];
+        for (i, b) in self.0.iter().enumerate() {
+            out[2 * i] = DIGITS[(b >> 4) as usize];
+            out[2 * i + 1] = DIGITS[(b & 0x0f) as usize];
+        }
+        out
+    }
+}
+
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in &self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        let hex = self.hex();
+        // Only ASCII hex digits were written.
+        f.write_str(std::str::from_utf8(&hex).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -190,7 +203,8 @@ impl FromStr for NodeId {
 
 impl Serialize for NodeId {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        let hex = self.hex();
+        s.serialize_str(std::str::from_utf8(&hex).map_err(serde::ser::Error::custom)?)
     }
 }
 

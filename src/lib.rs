@@ -2,7 +2,7 @@
 //!
 //! Every node and every key has a 160-bit id (SHA-1). A message for a key reaches
 //! the live node whose id is numerically closest to the key, its *root*, in fewer
-//! than ⌈log16 N⌉ hops; the root stores the key's value.
+//! than ⌈log16 N⌉ hops; the root and its nearest neighbours store the key's value.
 //!
 //! # How a key is routed
 //! 1. A client sends `{"type":"get","key":"apple"}` to any node (`pastry_node::server`
@@ -16,7 +16,8 @@
 //!    - else, rarely, to any known node as good in prefix and closer to D.
 //! 3. If the answer is "forward", the node sends the request on through its
 //!    `Transport` (TCP, pooled connections) and relays the reply back; if "deliver",
-//!    it is the root and answers from its store (`pastry_node::store`).
+//!    it is the root and answers from its store (`pastry_node::store`). A `put` is
+//!    also copied to the rest of the key's replica set, the k nodes closest to D.
 //!
 //! # Layout
 //! - `utils`: ids, SHA-1, digits, `shl`, ring distance, constants.
@@ -25,6 +26,9 @@
 //!   handle), `join`, `transport`, `server`, `maintenance`, `RunningNode`.
 //! - `message_handler`: the wire messages and what a node does with each.
 //! - `client`: a small blocking client, for the demo and the tests.
+//! - `simulator`: whole networks in one process, the same handlers over an
+//!   in-memory transport (`src/bin/simulate.rs` runs it; `src/bin/bench.rs`
+//!   measures the real thing on loopback).
 //! - `src/main.rs`: the `pastry-node` program; `demo/main.rs`: the demo.
 
 pub mod client;

@@ -8,8 +8,8 @@
 //! How a routed request travels (recursive routing, as the paper describes it):
 //! 1. A client sends `put`, `get`, `delete` or `route` to any node; a new node sends
 //!    `join` to its bootstrap. That node handles it at hop 0.
-//! 2. The node asks its routing state ([`RoutingState::route`]) where the key goes.
-//!    If it is the root, it performs the operation ([`deliver`]).
+//! 2. The node asks its routing state (`RoutingState::route`) where the key goes.
+//!    If it is the root, it performs the operation (`deliver`).
 //! 3. Otherwise it sends `{"type":"forward","hops":h+1,"op":...}` to the next hop,
 //!    waits for that node's reply and relays it back, adding itself to a `route`'s
 //!    path and its routing-table rows to a `join`'s reply on the way.

@@ -117,7 +117,7 @@ struct Counters {
     other: AtomicU64,
 }
 
-/// A snapshot of [`Counters`].
+/// A snapshot of the message counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Messages {
     pub routed: u64,

@@ -397,7 +397,7 @@ struct NodeProcess {
     addr: SocketAddr,
 }
 
-/// The `pastry-node` binary next to this one (both live in target/<profile>).
+/// The `pastry-node` binary next to this one (both live in `target/<profile>`).
 fn node_binary() -> Result<PathBuf, String> {
     let me = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
     let exe = me.with_file_name("pastry-node");

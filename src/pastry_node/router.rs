@@ -4,7 +4,7 @@
 //! 1. If D lies within the range of the leaf set, deliver to the member of L ∪ {A}
 //!    whose id is numerically closest to D (ties toward the smaller id). If that is
 //!    A, A is the root of D.
-//! 2. Otherwise let l = shl(D, A). If R[l][D_l] exists, forward to it: the next node
+//! 2. Otherwise let l = shl(D, A). If `R[l][D_l]` exists, forward to it: the next node
 //!    shares at least one more digit with D.
 //! 3. The rare case: forward to any known node T (in L, R or M) that shares at least
 //!    l digits with D and is numerically closer to D than A. Of those, this code takes

@@ -67,7 +67,7 @@ impl RoutingTable {
             .is_some_and(|(row, col)| self.get(row, col).is_none())
     }
 
-    /// R[row][col], if filled.
+    /// `R[row][col]`, if filled.
     pub fn get(&self, row: usize, col: usize) -> Option<&Entry> {
         self.rows.get(row).and_then(|r| r[col].as_ref())
     }

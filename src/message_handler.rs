@@ -141,6 +141,24 @@ pub enum Request {
     },
 }
 
+/// Every request kind by its canonical name (aliases map to these), as `stats`
+/// counts them.
+pub const KINDS: [&str; 13] = [
+    "ping",
+    "help",
+    "put",
+    "get",
+    "delete",
+    "route",
+    "status",
+    "stats",
+    "join",
+    "forward",
+    "announce",
+    "replicate",
+    "fetch",
+];
+
 /// Every request type, as the `unknown type` error lists them.
 pub const REQUEST_TYPES: &[&str] = &[
     "ping",
@@ -175,20 +193,25 @@ impl Request {
     }
 
     pub fn kind(&self) -> &'static str {
+        KINDS[self.kind_index()]
+    }
+
+    /// The request's place in [`KINDS`], for counting without a map.
+    pub fn kind_index(&self) -> usize {
         match self {
-            Request::Ping => "ping",
-            Request::Help => "help",
-            Request::Put { .. } => "put",
-            Request::Get { .. } => "get",
-            Request::Delete { .. } => "delete",
-            Request::Route { .. } => "route",
-            Request::Status => "status",
-            Request::Stats => "stats",
-            Request::Join { .. } => "join",
-            Request::Forward { .. } => "forward",
-            Request::Announce { .. } => "announce",
-            Request::Replicate { .. } => "replicate",
-            Request::Fetch { .. } => "fetch",
+            Request::Ping => 0,
+            Request::Help => 1,
+            Request::Put { .. } => 2,
+            Request::Get { .. } => 3,
+            Request::Delete { .. } => 4,
+            Request::Route { .. } => 5,
+            Request::Status => 6,
+            Request::Stats => 7,
+            Request::Join { .. } => 8,
+            Request::Forward { .. } => 9,
+            Request::Announce { .. } => 10,
+            Request::Replicate { .. } => 11,
+            Request::Fetch { .. } => 12,
         }
     }
 }
@@ -500,7 +523,7 @@ pub fn encode(reply: &Reply, id: Option<Value>) -> Vec<u8> {
 
 /// Handles one request at `node`, using `transport` to reach other nodes.
 pub fn handle(node: &Node, request: Request, transport: &dyn Transport) -> Reply {
-    node.count_message(request.kind());
+    node.count_message(request.kind_index());
     let reply = match request {
         Request::Ping => Reply::Pong {
             node_id: node.own().node_id,
@@ -871,6 +894,38 @@ pub fn reply_id(line: &str) -> Option<Value> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_kind_is_counted_under_its_wire_name() {
+        let node = NodeInfo::new("127.0.0.1:4000".parse().unwrap());
+        let requests = [
+            Request::Ping,
+            Request::Help,
+            Request::Put {
+                key: "k".into(),
+                value: Value::Null,
+            },
+            Request::Get { key: "k".into() },
+            Request::Delete { key: "k".into() },
+            Request::Route { key: "k".into() },
+            Request::Status,
+            Request::Stats,
+            Request::Join { node },
+            Request::Forward {
+                hops: 1,
+                op: Op::Get { key: "k".into() },
+            },
+            Request::Announce { node, rows: vec![] },
+            Request::Replicate { entries: vec![] },
+            Request::Fetch { key: "k".into() },
+        ];
+        assert_eq!(requests.len(), KINDS.len());
+        for (i, r) in requests.iter().enumerate() {
+            let wire = serde_json::to_value(r).unwrap();
+            assert_eq!(wire["type"], r.kind(), "{r:?}");
+            assert_eq!(r.kind_index(), i);
+        }
+    }
+
     use super::*;
 
     fn err_code(line: &str) -> i64 {

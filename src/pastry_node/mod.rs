@@ -85,7 +85,8 @@ impl Default for Config {
 /// Counters shown by `stats`.
 #[derive(Default)]
 struct Stats {
-    messages: Mutex<BTreeMap<&'static str, u64>>,
+    /// Requests handled, by kind (indexed as `message_handler::KINDS`).
+    messages: [AtomicU64; crate::message_handler::KINDS.len()],
     forwards: AtomicU64,
     /// Forwards chosen by the paper's rare case (step 3 of routing).
     rare_case: AtomicU64,
@@ -575,14 +576,10 @@ impl Node {
         self.store().len()
     }
 
-    pub(crate) fn count_message(&self, kind: &'static str) {
-        let mut m = self
-            .shared
-            .stats
-            .messages
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        *m.entry(kind).or_insert(0) += 1;
+    pub(crate) fn count_message(&self, kind_index: usize) {
+        if let Some(c) = self.shared.stats.messages.get(kind_index) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn count_forward(&self, via: router::Via) {
@@ -678,12 +675,11 @@ impl Node {
     /// The `stats` reply.
     pub fn stats(&self) -> Reply {
         let s = &self.shared.stats;
-        let messages = s
-            .messages
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let messages: BTreeMap<String, u64> = crate::message_handler::KINDS
             .iter()
-            .map(|(k, v)| (k.to_string(), *v))
+            .zip(&s.messages)
+            .map(|(k, c)| (k.to_string(), c.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
             .collect();
         Reply::Stats {
             node_id: self.shared.own.node_id,

@@ -176,3 +176,30 @@ fn a_leaving_node_hands_its_keys_over() {
     // No waiting: the keys are where lookups now go.
     all_readable_everywhere(&c, count).unwrap();
 }
+
+/// Without the periodic safety net, the push that follows a leaf-set change
+/// alone brings each key to the nodes that newly joined its replica set.
+#[test]
+fn a_leaf_set_change_alone_moves_keys_to_new_replicas() {
+    let config = pastry::pastry_node::Config {
+        replication_period_ticks: u64::MAX,
+        ..test_config()
+    };
+    let mut c = LocalCluster::with(10, config, Bootstrap::Random(9));
+    c.wait_for_ideal_leaf_sets(DEADLINE);
+    let count = 40;
+    put_keys(&c, count);
+    let before: Vec<Vec<NodeId>> = (0..count).map(|i| replica_set(&c, &key(i))).collect();
+    for j in 0..6 {
+        let live = c.live();
+        c.add(Some(live[(j * 5) % live.len()]));
+    }
+    c.wait_for_ideal_leaf_sets(DEADLINE);
+    let changed = (0..count)
+        .filter(|&i| replica_set(&c, &key(i)) != before[i])
+        .count();
+    assert!(changed > 0, "the joins changed some replica sets");
+    wait_for("new replica sets holding their keys", || {
+        back_to_k_copies(&c, count)
+    });
+}

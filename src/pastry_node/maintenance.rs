@@ -25,7 +25,7 @@ use super::join::announce;
 use super::transport::Transport;
 use super::{KeyEntry, Node};
 use crate::message_handler::{Reply, Request};
-use crate::utils::NodeInfo;
+use crate::utils::{NodeId, NodeInfo};
 
 /// What the maintenance thread is asked to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,8 +71,8 @@ pub fn handle_event(node: &Node, event: Event, transport: &dyn Transport) -> boo
             // too (a newcomer became root or replica of some of our keys, or a
             // holder died): push our copies to every other member. Now and then
             // anyway, as the safety net.
-            if node.replication_due(tick) {
-                push_replicas(node, transport);
+            if let Some(round) = node.replication_due(tick) {
+                push_replicas(node, transport, round.as_deref());
             }
             // Routing-table upkeep, one row per tick: measure every entry of the
             // row again (finding the dead, keeping proximities current), and
@@ -111,8 +111,8 @@ const REPLICATE_BATCH_BYTES: usize = 256 * 1024;
 
 /// Pushes every key we hold as root or replica to the other members of its
 /// replica set, in batches. Receivers keep only what is newer than their copy.
-fn push_replicas(node: &Node, transport: &dyn Transport) {
-    for (peer, entries) in node.replication_batches() {
+fn push_replicas(node: &Node, transport: &dyn Transport, round: Option<&[NodeId]>) {
+    for (peer, entries) in node.replication_batches(round) {
         for chunk in batches(entries) {
             if node.is_stopping() {
                 return;

@@ -61,6 +61,10 @@ pub struct Config {
     /// A connection that sends nothing for this long, between lines or in the
     /// middle of one, is closed.
     pub client_timeout: Duration,
+    /// Every this many ticks a node pushes all its keys to their replica sets even
+    /// if its leaf set has not changed: anti-entropy, the safety net for a lost
+    /// push.
+    pub replication_period_ticks: u64,
     /// k: how many nodes hold each key (the root and its k - 1 nearest leaf-set
     /// neighbours); at most |L|/2 + 1.
     pub replicas: usize,
@@ -78,6 +82,7 @@ impl Default for Config {
             max_connections: 1024,
             client_timeout: Duration::from_secs(60),
             replicas: 3,
+            replication_period_ticks: 10,
         }
     }
 }
@@ -116,10 +121,6 @@ struct Shared {
     last_replicated_leaf_set: Mutex<Vec<NodeId>>,
     started: Instant,
 }
-
-/// Every this many ticks a node pushes its keys to their replica sets even if
-/// its leaf set has not changed: anti-entropy, the safety net for a lost push.
-const REPLICATION_PERIOD_TICKS: u64 = 10;
 
 /// A key and one version of it, as replicas exchange them.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -507,10 +508,50 @@ impl Node {
         c.replicas.clamp(1, c.leaf_set_size / 2 + 1)
     }
 
-    /// For each other member of the replica sets we belong to, the entries it
-    /// should hold: what a replication round pushes.
-    pub fn replication_batches(&self) -> HashMap<NodeInfo, Vec<KeyEntry>> {
-        self.batches(false)
+    /// For each other member of the replica sets of the keys we hold, the
+    /// entries it should hold: what a replication round pushes.
+    ///
+    /// After a leaf-set change (`round` holds the previous leaf set) only the
+    /// members that were not in a key's replica set before get it: a newcomer, or
+    /// the node that moved up when a holder died. The periodic round (`None`)
+    /// sends every key to every other member.
+    pub fn replication_batches(
+        &self,
+        round: Option<&[NodeId]>,
+    ) -> HashMap<NodeInfo, Vec<KeyEntry>> {
+        let Some(previous) = round else {
+            return self.batches(false);
+        };
+        let own = self.shared.own.node_id;
+        let k = self.replicas();
+        let mut before: Vec<NodeId> = previous.to_vec();
+        before.push(own);
+        let mut out: HashMap<NodeInfo, Vec<KeyEntry>> = HashMap::new();
+        let keys: Vec<(String, NodeId, Versioned)> = self
+            .store()
+            .iter()
+            .map(|(key, s)| (key.clone(), s.key_id, s.entry.clone()))
+            .collect();
+        for (key, key_id, entry) in keys {
+            let set = self.replica_set(&key_id);
+            before.sort_by(|a, b| crate::utils::closer_to(&key_id, a, b));
+            let old = &before[..k.min(before.len())];
+            // Whoever was or is in the set passes the key on; a node that was
+            // not in it before either did so already, or holds a stale copy.
+            if !set.iter().any(|n| n.node_id == own) && !old.contains(&own) {
+                continue;
+            }
+            for n in set
+                .into_iter()
+                .filter(|n| n.node_id != own && !old.contains(&n.node_id))
+            {
+                out.entry(n).or_default().push(KeyEntry {
+                    key: key.clone(),
+                    entry: entry.clone(),
+                });
+            }
+        }
+        out
     }
 
     /// For a node about to leave: for each key it holds, the k nodes of its leaf
@@ -536,11 +577,10 @@ impl Node {
                 l.truncate(self.replicas());
                 l
             } else {
-                let set = self.replica_set(&key_id);
-                if !set.iter().any(|n| n.node_id == own) {
-                    continue;
-                }
-                set
+                // Also when we are no longer in the set ourselves: several nodes
+                // may have joined between us and the key, and then we may be the
+                // only ones left to pass it on.
+                self.replica_set(&key_id)
             };
             for n in set.into_iter().filter(|n| n.node_id != own) {
                 out.entry(n).or_default().push(KeyEntry {
@@ -552,10 +592,11 @@ impl Node {
         out
     }
 
-    /// Whether a replication round is due at this tick: the leaf set changed since
-    /// the last round (a node joined or died near us), or it is the periodic
-    /// round, the safety net.
-    pub(crate) fn replication_due(&self, tick: u64) -> bool {
+    /// Which replication round is due at this tick, if any: `Some(None)` for the
+    /// periodic full round, the safety net; `Some(Some(previous))` when the leaf
+    /// set has changed since the last round (a node joined or died near us), with
+    /// the leaf set as it was.
+    pub(crate) fn replication_due(&self, tick: u64) -> Option<Option<Vec<NodeId>>> {
         let now: Vec<NodeId> = self
             .routing()
             .leaf_set
@@ -567,9 +608,17 @@ impl Node {
             .last_replicated_leaf_set
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let changed = *last != now;
-        *last = now;
-        changed || tick.is_multiple_of(REPLICATION_PERIOD_TICKS)
+        let previous = std::mem::replace(&mut *last, now.clone());
+        // The first full round comes a whole period after the start: a new node
+        // has nothing to push, and an old one pushed when its leaf set changed.
+        let period = self.shared.config.replication_period_ticks.max(1);
+        if tick % period == period - 1 {
+            Some(None)
+        } else if previous != now {
+            Some(Some(previous))
+        } else {
+            None
+        }
     }
 
     pub fn key_count(&self) -> usize {

@@ -34,6 +34,7 @@ use crate::pastry_node::maintenance::{self, Event};
 use crate::pastry_node::transport::{Transport, TransportError};
 use crate::pastry_node::{join, Config, Node};
 use crate::utils::{closer_to, NodeId, NodeInfo};
+use serde_json::json;
 
 /// A small, fast, seeded pseudo-random generator (SplitMix64). Not for secrets; the
 /// simulator only needs reproducible choices without a runtime dependency.
@@ -465,6 +466,24 @@ impl Network {
         good as f64 / ring.len().max(1) as f64
     }
 
+    /// Sends a client request to live node `from`, as a client connected to it
+    /// would, and lets the network settle afterwards.
+    pub fn request(&self, from: usize, request: Request) -> Reply {
+        let reply = message_handler::handle(&self.nodes[from].node, request, &self.link(from));
+        self.settle();
+        reply
+    }
+
+    /// A random live node.
+    pub fn random_live(&mut self) -> usize {
+        loop {
+            let i = self.rng.below(self.nodes.len());
+            if self.is_alive(i) {
+                return i;
+            }
+        }
+    }
+
     /// Routes one lookup for `key` from live node `from` with a `route` request, as
     /// a client would, and checks where it ended.
     pub fn lookup(&self, ring: &[(NodeId, usize)], from: usize, key: &str) -> Lookup {
@@ -541,4 +560,61 @@ impl Network {
         }
         self.settle();
     }
+
+    /// Churn: keys are stored, then for each round one random node fails silently,
+    /// a new one joins, a few keys are read from random nodes, and every node runs
+    /// one maintenance round (heartbeat, repair, replication). At the end every
+    /// acknowledged key is read once more: any not found is lost.
+    pub fn churn(&mut self, rounds: usize) -> Churn {
+        let net = self;
+        let keys = 1000;
+        let key = |i: usize| format!("churn-{i}");
+        let mut acknowledged = Vec::new();
+        for i in 0..keys {
+            let from = net.random_live();
+            let put = Request::Put {
+                key: key(i),
+                value: json!(i),
+            };
+            if let Reply::PutOk { .. } = net.request(from, put) {
+                acknowledged.push(i);
+            }
+        }
+        let found = |net: &mut Network, i: usize| {
+            let from = net.random_live();
+            matches!(net.request(from, Request::Get { key: key(i) }),
+                Reply::Value { value, .. } if value == json!(i))
+        };
+        let (mut reads_during, mut failed_during) = (0, 0);
+        for _ in 0..rounds {
+            net.fail_random(1);
+            if net.add_node().is_err() {
+                failed_during += 1;
+            }
+            for _ in 0..10 {
+                let i = acknowledged[net.rng().below(acknowledged.len())];
+                reads_during += 1;
+                failed_during += usize::from(!found(net, i));
+            }
+            net.tick_all();
+        }
+        net.tick_all();
+        let lost = acknowledged.iter().filter(|&&i| !found(net, i)).count();
+        Churn {
+            rounds,
+            acknowledged: acknowledged.len(),
+            reads_during,
+            failed_during,
+            lost,
+        }
+    }
+}
+
+/// What the churn experiment saw.
+pub struct Churn {
+    pub rounds: usize,
+    pub acknowledged: usize,
+    pub reads_during: usize,
+    pub failed_during: usize,
+    pub lost: usize,
 }

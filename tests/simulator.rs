@@ -110,3 +110,14 @@ fn the_same_seed_gives_the_same_network() {
     assert_eq!(ids(&a), ids(&b));
     assert_ne!(ids(&a), ids(&build(300, 4)));
 }
+
+/// Churn at scale: while nodes fail and join one after another, no acknowledged
+/// key is lost and reads keep succeeding.
+#[test]
+fn churn_loses_no_acknowledged_key() {
+    let mut net = build(400, 13);
+    let c = net.churn(40);
+    assert_eq!(c.acknowledged, 1000, "every put acknowledged");
+    assert_eq!(c.lost, 0, "acknowledged keys lost");
+    assert_eq!(c.failed_during, 0, "reads that failed during churn");
+}

@@ -15,7 +15,7 @@ use pastry::pastry_node::Config;
 use pastry::simulator::{Lookup, Messages, Network, Proximity};
 use serde_json::{json, Value};
 
-const USAGE: &str = "usage: simulate [--nodes N] [--lookups L] [--seed S] [--leaf-set N] [--proximity plane|none] [--fail FRACTION] [--json] [--plot FILE.svg]";
+const USAGE: &str = "usage: simulate [--nodes N] [--lookups L] [--seed S] [--leaf-set N] [--proximity plane|none] [--fail FRACTION] [--churn ROUNDS] [--json] [--plot FILE.svg]";
 
 const HELP: &str = "\
 simulate: a Pastry network of N nodes in one process, built by the node's own join
@@ -32,6 +32,9 @@ OPTIONS:
     --fail FRACTION         after the fresh measurement, that share of nodes fails
                             silently; lookups are measured right after, after leaf-set
                             repair and after routing-table repair
+    --churn ROUNDS          store 1,000 keys, then for each round one node fails
+                            silently and one joins; report keys lost and reads
+                            that failed
     --json                  print one JSON object instead of the table
     --plot FILE.svg         draw the hop distribution next to the paper's Fig. 5
     -h, --help              this help
@@ -44,6 +47,7 @@ struct Options {
     leaf_set: usize,
     proximity: Proximity,
     fail: Option<f64>,
+    churn: Option<usize>,
     json: bool,
     plot: Option<String>,
 }
@@ -56,6 +60,7 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
         leaf_set: 16,
         proximity: Proximity::Plane,
         fail: None,
+        churn: None,
         json: false,
         plot: None,
     };
@@ -88,6 +93,7 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
                 }
                 o.fail = Some(f);
             }
+            "--churn" => o.churn = Some(number(&value(a)?, a)?),
             "--json" => o.json = true,
             "--plot" => o.plot = Some(value(a)?),
             other => return Err(format!("unknown argument {other:?}")),
@@ -332,6 +338,7 @@ fn main() -> ExitCode {
             ideal_share: net.ideal_leaf_set_share(),
         });
     }
+    let churn = o.churn.map(|rounds| net.churn(rounds));
     let peak = peak_memory();
     let paper = paper_average_hops(o.nodes);
     let bound_hops = log16n.ceil() as usize;
@@ -369,6 +376,10 @@ fn main() -> ExitCode {
             "failure": phases.iter().map(|p| json!({
                 "phase": p.name, "ideal_leaf_set_share": p.ideal_share, "lookups": p.stats.json()
             })).collect::<Vec<_>>(),
+            "churn": churn.as_ref().map(|c| json!({
+                "rounds": c.rounds, "keys_acknowledged": c.acknowledged, "keys_lost": c.lost,
+                "reads_during": c.reads_during, "failed_during": c.failed_during,
+            })),
             "peak_memory_bytes": peak,
         });
         println!("{report}");
@@ -472,6 +483,21 @@ fn main() -> ExitCode {
                 "(no locality)".into()
             },
         );
+        if let Some(c) = &churn {
+            println!();
+            println!(
+                "churn: {} rounds, in each one node fails silently, one joins, every node runs one maintenance round",
+                c.rounds
+            );
+            println!(
+                "  keys acknowledged {}, lost {}; reads during churn {}, failed {} ({:.2}%)",
+                c.acknowledged,
+                c.lost,
+                c.reads_during,
+                c.failed_during,
+                100.0 * c.failed_during as f64 / c.reads_during.max(1) as f64
+            );
+        }
         if !phases.is_empty() {
             println!();
             println!(

@@ -159,39 +159,22 @@ pub const KINDS: [&str; 13] = [
     "fetch",
 ];
 
-/// Every request type, as the `unknown type` error lists them.
-pub const REQUEST_TYPES: &[&str] = &[
-    "ping",
-    "help",
-    "put",
-    "store",
-    "get",
-    "lookup",
-    "delete",
-    "route",
-    "status",
-    "stats",
-    "join",
-    "forward",
-    "announce",
-    "replicate",
-    "fetch",
-];
+/// Other names a request type is accepted under (the original design's), with
+/// the type they stand for; the `#[serde(alias)]`es on [`Request`] say the same.
+pub const ALIASES: [(&str, &str); 2] = [("store", "put"), ("lookup", "get")];
+
+/// Every request type a node accepts, aliases included, as the `unknown type`
+/// error lists them.
+pub fn request_types() -> Vec<&'static str> {
+    KINDS
+        .iter()
+        .copied()
+        .chain(ALIASES.iter().map(|(alias, _)| *alias))
+        .collect()
+}
 
 impl Request {
-    /// The name counted in `stats`.
-    /// Requests only nodes send each other.
-    pub fn is_node_to_node(&self) -> bool {
-        matches!(
-            self,
-            Request::Join { .. }
-                | Request::Forward { .. }
-                | Request::Announce { .. }
-                | Request::Replicate { .. }
-                | Request::Fetch { .. }
-        )
-    }
-
+    /// The name counted in `stats` (an alias counts as the type it stands for).
     pub fn kind(&self) -> &'static str {
         KINDS[self.kind_index()]
     }
@@ -424,14 +407,12 @@ pub fn decode(line: &[u8]) -> Result<Envelope, Rejection> {
             ))
         }
     };
-    if !REQUEST_TYPES.contains(&kind.as_str()) {
+    let types = request_types();
+    if !types.contains(&kind.as_str()) {
         return Err(reject(
             id,
             code::UNKNOWN_TYPE,
-            format!(
-                "unknown type {kind:?}; valid types: {}",
-                REQUEST_TYPES.join(", ")
-            ),
+            format!("unknown type {kind:?}; valid types: {}", types.join(", ")),
         ));
     }
     match serde_json::from_value::<Request>(Value::Object(obj)) {

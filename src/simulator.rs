@@ -187,8 +187,10 @@ impl SimLink<'_> {
     }
 }
 
-impl Transport for SimLink<'_> {
-    fn call(&self, to: &NodeInfo, request: &Request) -> Result<Reply, TransportError> {
+impl SimLink<'_> {
+    /// Hands `request` to the target's handler; returns the reply and the
+    /// target's index.
+    fn exchange(&self, to: &NodeInfo, request: &Request) -> Result<(Reply, usize), TransportError> {
         let c = &self.net.counters;
         match request {
             Request::Join { .. } | Request::Forward { .. } => &c.routed,
@@ -204,11 +206,14 @@ impl Transport for SimLink<'_> {
             net: self.net,
             me: t,
         };
-        Ok(message_handler::handle(
-            &self.net.nodes[t].node,
-            request.clone(),
-            &link,
-        ))
+        let reply = message_handler::handle(&self.net.nodes[t].node, request.clone(), &link);
+        Ok((reply, t))
+    }
+}
+
+impl Transport for SimLink<'_> {
+    fn call(&self, to: &NodeInfo, request: &Request) -> Result<Reply, TransportError> {
+        self.exchange(to, request).map(|(reply, _)| reply)
     }
 
     fn call_measured(
@@ -216,8 +221,7 @@ impl Transport for SimLink<'_> {
         to: &NodeInfo,
         request: &Request,
     ) -> Result<(Reply, u64), TransportError> {
-        let reply = self.call(to, request)?;
-        let t = self.target(to)?;
+        let (reply, t) = self.exchange(to, request)?;
         Ok((reply, self.net.proximity_between(self.me, t)))
     }
 

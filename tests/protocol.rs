@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
-use pastry::message_handler::REQUEST_TYPES;
+use pastry::message_handler::request_types;
 use pastry::utils::{NodeId, NodeInfo, MAX_HOPS};
 use serde_json::{json, Value};
 use support::{error_code, id_field, parse, rpc, LocalCluster, Raw};
@@ -121,7 +121,7 @@ fn unknown_type_lists_the_valid_types() {
             "message does not list {t:?}: {message}"
         );
     }
-    for t in REQUEST_TYPES {
+    for t in request_types() {
         assert!(
             message.contains(t),
             "message does not list {t:?}: {message}"

@@ -187,6 +187,10 @@ fn a_leaf_set_change_alone_moves_keys_to_new_replicas() {
     };
     let mut c = LocalCluster::with(10, config, Bootstrap::Random(9));
     c.wait_for_ideal_leaf_sets(DEADLINE);
+    // Let every node take its first replication round (a node's first round
+    // pushes everything, as it has no earlier leaf set to compare with) before
+    // there are keys: a fixed wait, since there is nothing to poll for.
+    std::thread::sleep(c.config.tick * 3);
     let count = 40;
     put_keys(&c, count);
     let before: Vec<Vec<NodeId>> = (0..count).map(|i| replica_set(&c, &key(i))).collect();

@@ -23,9 +23,9 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::join::announce;
 use super::transport::Transport;
-use super::{KeyEntry, Node};
+use super::{KeyEntry, Node, ReplicationRound};
 use crate::message_handler::{Reply, Request};
-use crate::utils::{NodeId, NodeInfo};
+use crate::utils::NodeInfo;
 
 /// What the maintenance thread is asked to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,7 +72,7 @@ pub fn handle_event(node: &Node, event: Event, transport: &dyn Transport) -> boo
             // holder died): push our copies to every other member. Now and then
             // anyway, as the safety net.
             if let Some(round) = node.replication_due(tick) {
-                push_replicas(node, transport, round.as_deref());
+                push_replicas(node, transport, &round);
             }
             // Routing-table upkeep, one row per tick: measure every entry of the
             // row again (finding the dead, keeping proximities current), and
@@ -111,7 +111,7 @@ const REPLICATE_BATCH_BYTES: usize = 256 * 1024;
 
 /// Pushes every key we hold as root or replica to the other members of its
 /// replica set, in batches. Receivers keep only what is newer than their copy.
-fn push_replicas(node: &Node, transport: &dyn Transport, round: Option<&[NodeId]>) {
+fn push_replicas(node: &Node, transport: &dyn Transport, round: &ReplicationRound) {
     for (peer, entries) in node.replication_batches(round) {
         for chunk in batches(entries) {
             if node.is_stopping() {
@@ -126,7 +126,7 @@ fn push_replicas(node: &Node, transport: &dyn Transport, round: Option<&[NodeId]
 /// once it has gone. Returns how many copies were taken.
 pub fn hand_off(node: &Node, transport: &dyn Transport) -> usize {
     let mut taken = 0;
-    for (peer, entries) in node.handoff_batches() {
+    for (peer, entries) in node.replication_batches(&ReplicationRound::Leaving) {
         for chunk in batches(entries) {
             taken += send_batch(node, transport, peer, chunk);
         }

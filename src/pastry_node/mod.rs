@@ -118,7 +118,7 @@ struct Shared {
     /// Timer ticks so far: which routing-table row the next tick looks after.
     ticks: AtomicU64,
     /// The leaf set at the last replication round.
-    last_replicated_leaf_set: Mutex<Vec<NodeId>>,
+    last_replicated_leaf_set: Mutex<Vec<NodeInfo>>,
     started: Instant,
 }
 
@@ -128,6 +128,28 @@ pub struct KeyEntry {
     pub key: String,
     #[serde(flatten)]
     pub entry: Versioned,
+}
+
+/// Which copies a replication round sends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplicationRound {
+    /// Every key to every other member of its replica set: the periodic safety
+    /// net for a lost push.
+    Full,
+    /// After a leaf-set change, with the leaf set as it was: each key only to the
+    /// members that were not in its replica set before (a newcomer, or the node
+    /// that moved up when a holder died).
+    Since(Vec<NodeInfo>),
+    /// We are leaving: every key to the k nodes of our leaf set closest to it,
+    /// its replica set once we have gone.
+    Leaving,
+}
+
+/// The `k` of `nodes` numerically closest to `key_id`, closest first.
+fn k_closest(key_id: &NodeId, mut nodes: Vec<NodeInfo>, k: usize) -> Vec<NodeInfo> {
+    nodes.sort_by(|a, b| crate::utils::closer_to(key_id, &a.node_id, &b.node_id));
+    nodes.truncate(k);
+    nodes
 }
 
 /// What [`Node::forget`] did.
@@ -494,12 +516,9 @@ impl Node {
     /// The replica set of `key_id` as we see it: the k nodes of L ∪ {us}
     /// numerically closest to it, closest first (the root first).
     pub fn replica_set(&self, key_id: &NodeId) -> Vec<NodeInfo> {
-        let r = self.routing();
-        let mut all: Vec<NodeInfo> = r.leaf_set.members().copied().collect();
+        let mut all = self.leaf_set_members();
         all.push(self.shared.own);
-        all.sort_by(|a, b| crate::utils::closer_to(key_id, &a.node_id, &b.node_id));
-        all.truncate(self.replicas());
-        all
+        k_closest(key_id, all, self.replicas())
     }
 
     /// k, bounded by what the leaf set can see: |L|/2 + 1.
@@ -508,81 +527,45 @@ impl Node {
         c.replicas.clamp(1, c.leaf_set_size / 2 + 1)
     }
 
-    /// For each other member of the replica sets of the keys we hold, the
-    /// entries it should hold: what a replication round pushes.
-    ///
-    /// After a leaf-set change (`round` holds the previous leaf set) only the
-    /// members that were not in a key's replica set before get it: a newcomer, or
-    /// the node that moved up when a holder died. The periodic round (`None`)
-    /// sends every key to every other member.
+    /// What a replication round sends: for each node, the copies it should get
+    /// of the keys we hold (see [`ReplicationRound`] for which).
     pub fn replication_batches(
         &self,
-        round: Option<&[NodeId]>,
+        round: &ReplicationRound,
     ) -> HashMap<NodeInfo, Vec<KeyEntry>> {
-        let Some(previous) = round else {
-            return self.batches(false);
-        };
-        let own = self.shared.own.node_id;
+        let own = self.shared.own;
         let k = self.replicas();
-        let mut before: Vec<NodeId> = previous.to_vec();
-        before.push(own);
-        let mut out: HashMap<NodeInfo, Vec<KeyEntry>> = HashMap::new();
+        // One look at the leaf set for the whole round, not one per key.
+        let leaf_set = self.leaf_set_members();
+        let mut with_us = leaf_set.clone();
+        with_us.push(own);
         let keys: Vec<(String, NodeId, Versioned)> = self
             .store()
             .iter()
             .map(|(key, s)| (key.clone(), s.key_id, s.entry.clone()))
             .collect();
-        for (key, key_id, entry) in keys {
-            let set = self.replica_set(&key_id);
-            before.sort_by(|a, b| crate::utils::closer_to(&key_id, a, b));
-            let old = &before[..k.min(before.len())];
-            // Whoever was or is in the set passes the key on; a node that was
-            // not in it before either did so already, or holds a stale copy.
-            if !set.iter().any(|n| n.node_id == own) && !old.contains(&own) {
-                continue;
-            }
-            for n in set
-                .into_iter()
-                .filter(|n| n.node_id != own && !old.contains(&n.node_id))
-            {
-                out.entry(n).or_default().push(KeyEntry {
-                    key: key.clone(),
-                    entry: entry.clone(),
-                });
-            }
-        }
-        out
-    }
-
-    /// For a node about to leave: for each key it holds, the k nodes of its leaf
-    /// set closest to the key (the replica set once it has gone), and the entries
-    /// each should hold.
-    pub fn handoff_batches(&self) -> HashMap<NodeInfo, Vec<KeyEntry>> {
-        self.batches(true)
-    }
-
-    fn batches(&self, leaving: bool) -> HashMap<NodeInfo, Vec<KeyEntry>> {
-        let own = self.shared.own.node_id;
-        let keys: Vec<(String, NodeId, Versioned)> = self
-            .store()
-            .iter()
-            .map(|(k, s)| (k.clone(), s.key_id, s.entry.clone()))
-            .collect();
         let mut out: HashMap<NodeInfo, Vec<KeyEntry>> = HashMap::new();
         for (key, key_id, entry) in keys {
-            let set = if leaving {
-                let r = self.routing();
-                let mut l: Vec<NodeInfo> = r.leaf_set.members().copied().collect();
-                l.sort_by(|a, b| crate::utils::closer_to(&key_id, &a.node_id, &b.node_id));
-                l.truncate(self.replicas());
-                l
-            } else {
+            let (set, had_it) = match round {
+                ReplicationRound::Leaving => (k_closest(&key_id, leaf_set.clone(), k), Vec::new()),
                 // Also when we are no longer in the set ourselves: several nodes
                 // may have joined between us and the key, and then we may be the
                 // only ones left to pass it on.
-                self.replica_set(&key_id)
+                ReplicationRound::Full => (k_closest(&key_id, with_us.clone(), k), Vec::new()),
+                ReplicationRound::Since(previous) => {
+                    let mut before = previous.clone();
+                    before.push(own);
+                    let old = k_closest(&key_id, before, k);
+                    let set = k_closest(&key_id, with_us.clone(), k);
+                    // Whoever was or is in the set passes the key on; a node that
+                    // was in neither did so already, or holds a stale copy.
+                    if !set.contains(&own) && !old.contains(&own) {
+                        continue;
+                    }
+                    (set, old)
+                }
             };
-            for n in set.into_iter().filter(|n| n.node_id != own) {
+            for n in set.into_iter().filter(|n| *n != own && !had_it.contains(n)) {
                 out.entry(n).or_default().push(KeyEntry {
                     key: key.clone(),
                     entry: entry.clone(),
@@ -592,17 +575,11 @@ impl Node {
         out
     }
 
-    /// Which replication round is due at this tick, if any: `Some(None)` for the
-    /// periodic full round, the safety net; `Some(Some(previous))` when the leaf
-    /// set has changed since the last round (a node joined or died near us), with
-    /// the leaf set as it was.
-    pub(crate) fn replication_due(&self, tick: u64) -> Option<Option<Vec<NodeId>>> {
-        let now: Vec<NodeId> = self
-            .routing()
-            .leaf_set
-            .members()
-            .map(|n| n.node_id)
-            .collect();
+    /// Which replication round is due at this tick, if any: the periodic full
+    /// round, or, when the leaf set has changed since the last round (a node
+    /// joined or died near us), the round for that change.
+    pub(crate) fn replication_due(&self, tick: u64) -> Option<ReplicationRound> {
+        let now = self.leaf_set_members();
         let mut last = self
             .shared
             .last_replicated_leaf_set
@@ -613,9 +590,9 @@ impl Node {
         // has nothing to push, and an old one pushed when its leaf set changed.
         let period = self.shared.config.replication_period_ticks.max(1);
         if tick % period == period - 1 {
-            Some(None)
+            Some(ReplicationRound::Full)
         } else if previous != now {
-            Some(Some(previous))
+            Some(ReplicationRound::Since(previous))
         } else {
             None
         }

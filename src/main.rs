@@ -30,7 +30,9 @@ OPTIONS:
     --leaf-set N       leaf set size |L| (even, 2..=64; default 16)
     --replicas K       nodes that hold each key, the root included (1..=|L|/2+1;
                        default 3)
-    --tick-ms MS       how often leaf sets are exchanged with neighbours (default 1000)
+    --heartbeat-ms MS  how often leaf sets are exchanged with neighbours, the
+                       heartbeat (default 1000); a neighbour silent for 3
+                       heartbeats is probed, and declared dead if it stays silent
     --log-level LEVEL  off, error, warn, info, debug or trace (default info; or set
                        the PASTRY_LOG environment variable)
     -h, --help         this help
@@ -105,11 +107,13 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
                     format!("--replicas {v:?}: expected a number of nodes, at least 1")
                 })?;
             }
-            "--tick-ms" => {
-                let v = value("--tick-ms")?;
-                tick_ms = v.parse().ok().filter(|n: &u64| *n >= 10).ok_or_else(|| {
-                    format!("--tick-ms {v:?}: expected milliseconds, at least 10")
-                })?;
+            // --tick-ms is the older name.
+            "--heartbeat-ms" | "--tick-ms" => {
+                let v = value(arg)?;
+                tick_ms =
+                    v.parse().ok().filter(|n: &u64| *n >= 10).ok_or_else(|| {
+                        format!("{arg} {v:?}: expected milliseconds, at least 10")
+                    })?;
             }
             "--log-level" => log_level = Some(parse_level(&value("--log-level")?)?),
             s if s.starts_with('-') && s.len() > 1 => return Err(format!("unknown option {s}")),

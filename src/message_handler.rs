@@ -547,6 +547,9 @@ pub fn handle(node: &Node, request: Request, transport: &dyn Transport) -> Reply
             // or invented node is found out and forgotten.
             // The announcing node is alive: it is talking to us. What it tells us
             // about others is hearsay, checked before it is used.
+            if from.is_genuine() {
+                node.heard_from(&from.node_id);
+            }
             node.learn(from, None);
             node.consider(from);
             for n in rows {

@@ -22,6 +22,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use super::transport::{Transport, TransportError};
 use super::Node;
@@ -133,23 +134,37 @@ pub fn join(
 /// offers us) are hearsay, handed to [`Node::hear_of`]. Returns the number of
 /// announcements sent.
 pub fn announce(node: &Node, transport: &dyn Transport, targets: Vec<NodeInfo>) -> usize {
+    announce_within(node, transport, targets, node.config().call_timeout)
+}
+
+/// [`announce`], to all targets at once, waiting at most `timeout` for each reply.
+/// A target that does not answer in time is suspected.
+pub fn announce_within(
+    node: &Node,
+    transport: &dyn Transport,
+    targets: Vec<NodeInfo>,
+    timeout: Duration,
+) -> usize {
+    // A stopping node does not start waiting on peers.
+    if node.is_stopping() {
+        return 0;
+    }
     let me = node.own();
     let mut done: HashSet<NodeId> = HashSet::new();
-    let mut sent = 0;
-    for target in targets {
-        // Each call may wait for a silent peer: a stopping node does not go on.
-        if node.is_stopping() {
-            break;
-        }
-        if target.node_id == me.node_id || !done.insert(target.node_id) {
-            continue;
-        }
-        sent += 1;
-        let announce = Request::Announce {
-            node: me,
-            rows: node.shared_row(&target.node_id),
-        };
-        match transport.call_measured(&target, &announce) {
+    let calls: Vec<(NodeInfo, Request)> = targets
+        .into_iter()
+        .filter(|t| t.node_id != me.node_id && done.insert(t.node_id))
+        .map(|target| {
+            let announce = Request::Announce {
+                node: me,
+                rows: node.shared_row(&target.node_id),
+            };
+            (target, announce)
+        })
+        .collect();
+    let results = transport.call_all(&calls, timeout);
+    for ((target, _), result) in calls.iter().zip(results) {
+        match result {
             Ok((
                 Reply::LeafSet {
                     node: from,
@@ -158,14 +173,15 @@ pub fn announce(node: &Node, transport: &dyn Transport, targets: Vec<NodeInfo>) 
                 },
                 proximity,
             )) if from.node_id == target.node_id => {
-                node.learn(target, Some(proximity));
+                node.heard_from(&target.node_id);
+                node.learn(*target, Some(proximity));
                 for n in leaf_set.into_iter().chain(rows) {
                     node.hear_of(n);
                 }
             }
             Ok(_) => {}
-            Err(_) => node.suspect(target),
+            Err(_) => node.suspect(*target),
         }
     }
-    sent
+    calls.len()
 }

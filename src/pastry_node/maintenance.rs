@@ -10,18 +10,25 @@
 //! - Suspect: ping the peer once more; if it stays silent, forget it everywhere and,
 //!   if it was in the leaf set, repair the leaf set the paper's way: ask the farthest
 //!   live member on the failed node's side for its leaf set.
-//! - Tick: exchange leaf sets with every leaf-set member. This is both the
-//!   heartbeat and the safety net that makes concurrent joins converge.
+//! - Tick: exchange leaf sets with every leaf-set member, all at once. This is
+//!   both the heartbeat and the safety net that makes concurrent joins converge.
+//!   A member whose lease has lapsed (no sign of life for `lease_ticks`
+//!   heartbeats, see [`super::leases`]) is probed first. Heartbeats and probes wait
+//!   no longer than a lease, so a peer that takes connections and never answers
+//!   is found out within a few heartbeats, not after a call's long timeout.
+//!   Then, when due, replication and one routing-table row's upkeep.
 //!
-//! Deviation: the lease-based failure detector, routing-table repair and
-//! replication of the fault-tolerance work are not here yet.
+//! Deviation: MSPastry sends heartbeats one way, to the left neighbour only, and
+//! probes on a lapsed lease; here every exchange is a request and its reply, so
+//! each member is heard from at every heartbeat and a lease only lapses when the
+//! replies stop.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use super::join::announce;
+use super::join::{announce, announce_within};
 use super::transport::Transport;
 use super::{KeyEntry, Node, ReplicationRound};
 use crate::message_handler::{Reply, Request};
@@ -47,8 +54,9 @@ pub fn handle_event(node: &Node, event: Event, transport: &dyn Transport) -> boo
             if !node.probe_still_useful(&peer.node_id) || !peer.is_genuine() {
                 return true;
             }
-            match transport.proximity(&peer) {
+            match transport.proximity_within(&peer, lease(node)) {
                 Ok(p) => {
+                    node.heard_from(&peer.node_id);
                     // A new leaf-set member must hear of us too, or its leaf set
                     // would stay without us.
                     if node.learn(peer, Some(p)) {
@@ -59,14 +67,24 @@ pub fn handle_event(node: &Node, event: Event, transport: &dyn Transport) -> boo
             }
         }
         Event::Suspect(peer) => {
-            if node.knows(&peer.node_id) && transport.proximity(&peer).is_err() {
-                declare_dead(node, peer, transport);
+            if node.knows(&peer.node_id) {
+                match transport.proximity_within(&peer, lease(node)) {
+                    Ok(_) => node.heard_from(&peer.node_id),
+                    Err(_) => declare_dead(node, peer, transport),
+                }
             }
         }
         Event::Tick => {
             let tick = node.next_tick();
-            // The heartbeat: exchange leaf sets with every member.
-            announce(node, transport, node.leaf_set_members());
+            // Members that have let their lease lapse are probed, and declared dead
+            // if the probe fails too.
+            for peer in node.lapsed_leases() {
+                log::debug!("lease of {} lapsed; probing it", peer.node_id.short());
+                handle_event(node, Event::Suspect(peer), transport);
+            }
+            // The heartbeat: exchange leaf sets with every member, all at once, each
+            // given no longer than a lease to answer.
+            announce_within(node, transport, node.leaf_set_members(), lease(node));
             // Replication: when the leaf set has changed, some replica sets have
             // too (a newcomer became root or replica of some of our keys, or a
             // holder died): push our copies to every other member. Now and then
@@ -86,8 +104,9 @@ pub fn handle_event(node: &Node, event: Event, transport: &dyn Transport) -> boo
                     if node.is_stopping() {
                         return false;
                     }
-                    match transport.proximity(e) {
+                    match transport.proximity_within(e, lease(node)) {
                         Ok(p) => {
+                            node.heard_from(&e.node_id);
                             node.learn(*e, Some(p));
                         }
                         Err(_) => declare_dead(node, *e, transport),
@@ -103,6 +122,13 @@ pub fn handle_event(node: &Node, event: Event, transport: &dyn Transport) -> boo
         Event::Shutdown => return false,
     }
     true
+}
+
+/// How long a lease lasts: the most a heartbeat or a probe waits for an answer.
+fn lease(node: &Node) -> std::time::Duration {
+    let c = node.config();
+    c.tick
+        .saturating_mul(c.lease_ticks.clamp(1, u32::MAX as u64) as u32)
 }
 
 /// Copies per `replicate` message, so that a batch stays well within the line

@@ -15,6 +15,7 @@
 
 pub mod join;
 pub mod leaf_set;
+pub mod leases;
 pub mod maintenance;
 pub mod neighborhood;
 pub mod router;
@@ -47,8 +48,12 @@ pub struct Config {
     pub leaf_set_size: usize,
     /// |M|.
     pub neighborhood_size: usize,
-    /// How often the maintenance thread exchanges leaf sets with its members.
+    /// The heartbeat period: how often the maintenance thread exchanges leaf sets
+    /// with its members (`--heartbeat-ms`). All periodic work counts in ticks.
     pub tick: Duration,
+    /// A leaf-set member not heard from for this many ticks has let its lease
+    /// lapse and is probed; a heartbeat waits at most this long for a reply.
+    pub lease_ticks: u64,
     /// Longest wait for a peer to accept a connection.
     pub connect_timeout: Duration,
     /// Longest wait for a peer's reply (or for a write to a peer).
@@ -76,6 +81,7 @@ impl Default for Config {
             leaf_set_size: LEAF_SET_SIZE,
             neighborhood_size: NEIGHBORHOOD_SIZE,
             tick: Duration::from_millis(1000),
+            lease_ticks: 3,
             connect_timeout: Duration::from_millis(1000),
             call_timeout: Duration::from_millis(5000),
             max_line: 1 << 20,
@@ -117,6 +123,8 @@ struct Shared {
     stopping: AtomicBool,
     /// Timer ticks so far: which routing-table row the next tick looks after.
     ticks: AtomicU64,
+    /// When each leaf-set member was last heard from, in ticks.
+    leases: Mutex<leases::Leases>,
     /// The leaf set at the last replication round.
     last_replicated_leaf_set: Mutex<Vec<NodeInfo>>,
     started: Instant,
@@ -197,6 +205,7 @@ impl Node {
                 probing: Mutex::new(HashMap::new()),
                 stopping: AtomicBool::new(false),
                 ticks: AtomicU64::new(0),
+                leases: Mutex::new(leases::Leases::new()),
                 last_replicated_leaf_set: Mutex::new(Vec::new()),
                 started: Instant::now(),
             }),
@@ -318,6 +327,11 @@ impl Node {
         if node.node_id == self.shared.own.node_id {
             return false;
         }
+        // A node declared dead a moment ago may have sent messages before it died
+        // that arrive only now: it comes back only by answering a probe.
+        if proximity.is_none() && self.recently_failed(&node.node_id) {
+            return false;
+        }
         // Most nodes we hear of we know already or have no room for: decide that
         // under the read lock, before paying for the SHA-1 that checks the id.
         let known = {
@@ -348,6 +362,31 @@ impl Node {
             );
         }
         now_leaf
+    }
+
+    /// `id` has shown a sign of life first-hand (it answered us, or called us):
+    /// its lease is renewed.
+    pub fn heard_from(&self, id: &NodeId) {
+        let now = self.shared.ticks.load(Ordering::Relaxed);
+        self.leases().heard(*id, now);
+    }
+
+    /// The leaf-set members whose lease has lapsed: not heard from for more than
+    /// `lease_ticks` ticks. The maintenance thread probes them.
+    pub fn lapsed_leases(&self) -> Vec<NodeInfo> {
+        let members = self.leaf_set_members();
+        let now = self.shared.ticks.load(Ordering::Relaxed);
+        let lease = self.shared.config.lease_ticks.max(1);
+        self.leases().lapsed(&members, now, lease)
+    }
+
+    fn recently_failed(&self, id: &NodeId) -> bool {
+        let lease = self.shared.config.lease_ticks.max(1);
+        self.leases().recently_failed(id, self.ticks(), lease)
+    }
+
+    fn leases(&self) -> std::sync::MutexGuard<'_, leases::Leases> {
+        self.shared.leases.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Notes a node another node told us about. It is not taken in on hearsay: if
@@ -453,11 +492,22 @@ impl Node {
             }
         }
         let known = r.remove(id);
+        drop(r);
+        if known {
+            let now = self.ticks();
+            let lease = self.shared.config.lease_ticks.max(1);
+            self.leases().declared_dead(*id, now, lease);
+        }
         Forgotten {
             known,
             leaf_set_repair,
             table_repair,
         }
+    }
+
+    /// Timer ticks (heartbeats) so far.
+    pub fn ticks(&self) -> u64 {
+        self.shared.ticks.load(Ordering::Relaxed)
     }
 
     /// Counts a timer tick; returns how many came before it.
@@ -782,10 +832,13 @@ impl RunningNode {
     /// Stops the server and maintenance threads and waits for them, without a
     /// word to anyone: to the rest of the network this is a failure.
     pub fn shutdown(&mut self) {
+        // Stop the maintenance thread's calls first: a node that has stopped
+        // answering must not go on announcing itself, or peers that have just
+        // declared it dead would take it back in.
+        self.node.shared.stopping.store(true, Ordering::Relaxed);
         if let Some(mut s) = self.server.take() {
             s.shutdown();
         }
-        self.node.shared.stopping.store(true, Ordering::Relaxed);
         self.node.send(Event::Shutdown);
         if let Some(m) = self.maintenance.take() {
             let _ = m.join();

@@ -68,13 +68,48 @@ pub trait Transport: Send + Sync {
     /// node it claims to be. Over TCP: the round-trip time of a `ping`, in
     /// microseconds. In the simulator: a distance in the simulated plane.
     fn proximity(&self, to: &NodeInfo) -> Result<u64, TransportError>;
+
+    /// [`Transport::proximity`], waiting at most `timeout` for the answer: how the
+    /// maintenance thread probes, so that a peer that takes connections but never
+    /// answers costs it no more than a lease. The default ignores `timeout`, as
+    /// the simulator may: its dead nodes fail at once.
+    fn proximity_within(&self, to: &NodeInfo, timeout: Duration) -> Result<u64, TransportError> {
+        let _ = timeout;
+        self.proximity(to)
+    }
+
+    /// Makes each call of `calls` as [`Transport::call_measured`] does, waiting at
+    /// most `timeout` for each reply, and returns their results in order. A node
+    /// uses it to reach many peers at once (its heartbeat to the leaf set, a
+    /// joiner's announcements), so that one silent peer delays the others by no
+    /// more than `timeout`. This default makes the calls one after another with
+    /// the transport's own timeout, as the simulator wants: deterministic, and its
+    /// dead nodes fail at once.
+    fn call_all(
+        &self,
+        calls: &[(NodeInfo, Request)],
+        timeout: Duration,
+    ) -> Vec<Result<(Reply, u64), TransportError>> {
+        let _ = timeout;
+        calls
+            .iter()
+            .map(|(to, request)| self.call_measured(to, request))
+            .collect()
+    }
 }
 
 /// At most this many idle connections are kept per peer.
 const IDLE_PER_PEER: usize = 4;
 
+/// At most this many calls of one [`Transport::call_all`] are in flight at once
+/// over TCP (each has a thread of its own).
+const PARALLEL_CALLS: usize = 16;
+
 struct Conn {
     reader: BufReader<TcpStream>,
+    /// The socket's read timeout now, so that it is set only when a call wants
+    /// another one.
+    read_timeout: Duration,
 }
 
 /// The TCP transport: newline-delimited JSON over pooled connections.
@@ -95,35 +130,54 @@ impl TcpTransport {
         }
     }
 
+    fn pool(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Vec<Conn>>> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn take_idle(&self, addr: &SocketAddr) -> Option<Conn> {
-        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        pool.get_mut(addr).and_then(|v| v.pop())
+        self.pool().get_mut(addr).and_then(|v| v.pop())
     }
 
     fn put_idle(&self, addr: SocketAddr, conn: Conn) {
-        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pool = self.pool();
         let v = pool.entry(addr).or_default();
         if v.len() < IDLE_PER_PEER {
             v.push(conn);
         }
     }
 
-    /// Closes every pooled connection (at shutdown).
-    pub fn close_all(&self) {
-        self.pool.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    /// Forgets every idle connection to `addr`: once one has timed out, the others
+    /// most likely lead to the same silent peer, and each would cost a timeout.
+    fn drop_idle(&self, addr: &SocketAddr) {
+        self.pool().remove(addr);
     }
 
-    fn connect(&self, addr: &SocketAddr) -> std::io::Result<Conn> {
-        let stream = TcpStream::connect_timeout(addr, self.connect_timeout)?;
+    /// Closes every pooled connection (at shutdown).
+    pub fn close_all(&self) {
+        self.pool().clear();
+    }
+
+    fn connect(&self, addr: &SocketAddr, timeout: Duration) -> std::io::Result<Conn> {
+        let stream = TcpStream::connect_timeout(addr, self.connect_timeout.min(timeout))?;
         stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(self.call_timeout))?;
+        stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(self.call_timeout))?;
         Ok(Conn {
             reader: BufReader::new(stream),
+            read_timeout: timeout,
         })
     }
 
-    fn exchange(&self, conn: &mut Conn, line: &[u8]) -> Result<Reply, TransportError> {
+    fn exchange(
+        &self,
+        conn: &mut Conn,
+        line: &[u8],
+        timeout: Duration,
+    ) -> Result<Reply, TransportError> {
+        if conn.read_timeout != timeout {
+            conn.reader.get_ref().set_read_timeout(Some(timeout))?;
+            conn.read_timeout = timeout;
+        }
         conn.reader.get_mut().write_all(line)?;
         let mut buf = Vec::new();
         let limit = self.max_line + super::server::NODE_LINE_HEADROOM;
@@ -137,17 +191,14 @@ impl TcpTransport {
             LineRead::TooLong => Err(TransportError::Protocol("reply line too long".into())),
         }
     }
-}
 
-impl Transport for TcpTransport {
-    fn call(&self, to: &NodeInfo, request: &Request) -> Result<Reply, TransportError> {
-        self.call_measured(to, request).map(|(reply, _)| reply)
-    }
-
-    fn call_measured(
+    /// One call, waiting at most `timeout` for the reply; returns the reply and
+    /// the round trip in microseconds, connecting excluded.
+    fn call_within(
         &self,
         to: &NodeInfo,
         request: &Request,
+        timeout: Duration,
     ) -> Result<(Reply, u64), TransportError> {
         let micros = |start: Instant| (start.elapsed().as_micros() as u64).max(1);
         let mut line = serde_json::to_vec(request)
@@ -158,7 +209,7 @@ impl Transport for TcpTransport {
         // safe to repeat: a put stores the same value, a get reads it again.
         if let Some(mut conn) = self.take_idle(&to.addr) {
             let start = Instant::now();
-            match self.exchange(&mut conn, &line) {
+            match self.exchange(&mut conn, &line, timeout) {
                 Ok(reply) => {
                     let rtt = micros(start);
                     self.put_idle(to.addr, conn);
@@ -171,21 +222,72 @@ impl Transport for TcpTransport {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
+                    self.drop_idle(&to.addr);
                     return Err(TransportError::Io(e));
                 }
                 Err(_) => {}
             }
         }
-        let mut conn = self.connect(&to.addr)?;
+        let mut conn = self.connect(&to.addr, timeout)?;
         let start = Instant::now();
-        let reply = self.exchange(&mut conn, &line)?;
+        let reply = self.exchange(&mut conn, &line, timeout)?;
         let rtt = micros(start);
         self.put_idle(to.addr, conn);
         Ok((reply, rtt))
     }
+}
+
+impl Transport for TcpTransport {
+    fn call(&self, to: &NodeInfo, request: &Request) -> Result<Reply, TransportError> {
+        self.call_within(to, request, self.call_timeout)
+            .map(|(reply, _)| reply)
+    }
+
+    fn call_measured(
+        &self,
+        to: &NodeInfo,
+        request: &Request,
+    ) -> Result<(Reply, u64), TransportError> {
+        self.call_within(to, request, self.call_timeout)
+    }
+
+    fn call_all(
+        &self,
+        calls: &[(NodeInfo, Request)],
+        timeout: Duration,
+    ) -> Vec<Result<(Reply, u64), TransportError>> {
+        let timeout = timeout.min(self.call_timeout);
+        if calls.len() <= 1 {
+            return calls
+                .iter()
+                .map(|(to, request)| self.call_within(to, request, timeout))
+                .collect();
+        }
+        let mut results = Vec::with_capacity(calls.len());
+        for group in calls.chunks(PARALLEL_CALLS) {
+            std::thread::scope(|s| {
+                let calls: Vec<_> = group
+                    .iter()
+                    .map(|(to, request)| s.spawn(move || self.call_within(to, request, timeout)))
+                    .collect();
+                for call in calls {
+                    results.push(call.join().unwrap_or_else(|_| {
+                        Err(TransportError::Protocol(
+                            "the calling thread panicked".into(),
+                        ))
+                    }));
+                }
+            });
+        }
+        results
+    }
 
     fn proximity(&self, to: &NodeInfo) -> Result<u64, TransportError> {
-        match self.call_measured(to, &Request::Ping)? {
+        self.proximity_within(to, self.call_timeout)
+    }
+
+    fn proximity_within(&self, to: &NodeInfo, timeout: Duration) -> Result<u64, TransportError> {
+        match self.call_within(to, &Request::Ping, timeout.min(self.call_timeout))? {
             (Reply::Pong { node_id, .. }, rtt) if node_id == to.node_id => Ok(rtt),
             (Reply::Pong { node_id, .. }, _) => Err(TransportError::WrongNode(format!(
                 "{} answers as {node_id}, expected {}",

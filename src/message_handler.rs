@@ -48,6 +48,8 @@ pub mod code {
     pub const BUSY: i64 = -32005;
     /// A node entry in a node-to-node message is not genuine.
     pub const BAD_NODE: i64 = -32004;
+    /// The node is joining and its leaf set is not confirmed yet.
+    pub const JOINING: i64 = -32006;
 }
 
 /// An operation routed to the root of a key.
@@ -598,6 +600,16 @@ const MAX_RETRIES_PER_HOP: usize = 4;
 fn route_op(node: &Node, op: Op, hops: u32, transport: &dyn Transport) -> Reply {
     if hops > MAX_HOPS {
         return Reply::error(code::HOP_CAP, hop_cap_message());
+    }
+    // A joining node routes, and answers as root, only once its leaf set is
+    // confirmed: until then a node it has not heard of yet may be the true root
+    // (MSPastry's consistent routing). Activation takes one round of
+    // announcements, so the request waits for it.
+    if !node.wait_active(node.config().call_timeout) {
+        return Reply::error(
+            code::JOINING,
+            "this node is still joining the network and cannot route yet; try again shortly",
+        );
     }
     let key_id = op.key_id();
     // A joining node may be in our state from an earlier life; never route its own

@@ -15,9 +15,14 @@
 //!    how nodes that join at the same time, and so missed each other in step 2,
 //!    find each other.
 //!
-//! Deviation: MSPastry's consistent join (X accepts deliveries only once its leaf
-//! set has confirmed it) is not implemented yet: X answers as root as soon as its
-//! state is built.
+//! Consistency (from MSPastry): X announces itself first to the nodes nearest it,
+//! Z and Z's leaf set, all at once, and is *inactive* until they have answered:
+//! a request for a key X would be root of waits until then (see
+//! `message_handler::deliver`), so X never answers from a half-built leaf set.
+//! Deviation: MSPastry also waits for the probes of nodes those replies name
+//! (nodes joining at the same time); here those are probed after activation, by
+//! the maintenance thread, so two nodes joining side by side at the same moment
+//! can each act as root for a key between them for a heartbeat or two.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -78,9 +83,16 @@ pub fn join(
             "that is this node's own address".into(),
         ));
     }
-    let reply = transport
-        .call(&boot, &Request::Join { node: me })
-        .map_err(|e| JoinError::Unreachable(bootstrap, e))?;
+    // From here until our leaf set is confirmed we are inactive: a request for a
+    // key we would be root of waits (see `message_handler::deliver`).
+    node.set_active(false);
+    let reply = match transport.call(&boot, &Request::Join { node: me }) {
+        Ok(reply) => reply,
+        Err(e) => {
+            node.set_active(true);
+            return Err(JoinError::Unreachable(bootstrap, e));
+        }
+    };
     let (root, path, rows, leaf_set, neighborhood, hops) = match reply {
         Reply::Joined {
             root,
@@ -90,29 +102,45 @@ pub fn join(
             neighborhood,
             hops,
         } => (root, path, rows, leaf_set, neighborhood, hops),
-        Reply::Error { message, .. } => return Err(JoinError::Refused(bootstrap, message)),
+        Reply::Error { message, .. } => {
+            node.set_active(true);
+            return Err(JoinError::Refused(bootstrap, message));
+        }
         other => {
+            node.set_active(true);
             return Err(JoinError::Refused(
                 bootstrap,
                 format!("unexpected reply to join: {other:?}"),
-            ))
+            ));
         }
     };
+    // Phase one, the leaf set: the root and its leaf set are the nodes nearest
+    // our id. Announcing ourselves to them all at once confirms each one (it
+    // answers), and their replies name any node near us that the root missed.
+    // Until they have answered, we are inactive: they may route a key to us at
+    // once, but we answer as its root only when our own leaf set is confirmed.
+    let me_id = me.node_id;
     let mut seen: HashSet<NodeId> = HashSet::new();
-    let candidates: Vec<NodeInfo> = std::iter::once(boot)
-        .chain(path.iter().copied())
-        .chain(std::iter::once(root))
+    let mut fresh = |n: &NodeInfo| n.node_id != me_id && n.is_genuine() && seen.insert(n.node_id);
+    let nearest: Vec<NodeInfo> = std::iter::once(root)
         .chain(leaf_set)
+        .filter(|n| fresh(n))
+        .collect();
+    let mut messages = 1 + announce(node, transport, nearest.clone());
+    node.set_active(true);
+    // Phase two, the routing table and neighborhood set: the rest of what the
+    // path told us. Each announcement measures the node's proximity too (its
+    // round trip), so each candidate costs one message, not a probe and an
+    // announcement. Nodes the replies name that we lack are measured by the
+    // maintenance thread, and announced to if they enter our leaf set.
+    let others: Vec<NodeInfo> = std::iter::once(boot)
+        .chain(path.iter().copied())
         .chain(rows)
         .chain(neighborhood)
-        .filter(|n| n.node_id != me.node_id && n.is_genuine() && seen.insert(n.node_id))
+        .filter(|n| fresh(n))
         .collect();
-    // Steps 3 and 4 at once: announcing ourselves to a candidate measures its
-    // proximity too (the round trip of the announcement), so each candidate costs
-    // one message, not a probe and an announcement. Nodes the replies name that we
-    // lack are measured by the maintenance thread, and announced to if they enter
-    // our leaf set.
-    let messages = 1 + announce(node, transport, candidates.clone());
+    messages += announce(node, transport, others.clone());
+    let learned = nearest.len() + others.len();
     log::info!(
         "joined through {bootstrap} in {hops} hops: id {}, leaf set {}, routing table {} entries",
         me.node_id,
@@ -123,7 +151,7 @@ pub fn join(
         root,
         path,
         hops,
-        learned: candidates.len(),
+        learned,
         messages,
     })
 }

@@ -27,7 +27,7 @@ pub mod transport;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -125,6 +125,13 @@ struct Shared {
     ticks: AtomicU64,
     /// When each leaf-set member was last heard from, in ticks.
     leases: Mutex<leases::Leases>,
+    /// False while the node is joining, until its leaf set has been confirmed:
+    /// until then it does not act as the root of any key (MSPastry's consistent
+    /// routing). `active` is read on every routed request; the mutex and the
+    /// condition variable wake the requests that wait for activation.
+    active: AtomicBool,
+    activation: Mutex<()>,
+    activated: Condvar,
     /// The leaf set at the last replication round.
     last_replicated_leaf_set: Mutex<Vec<NodeInfo>>,
     started: Instant,
@@ -206,6 +213,9 @@ impl Node {
                 stopping: AtomicBool::new(false),
                 ticks: AtomicU64::new(0),
                 leases: Mutex::new(leases::Leases::new()),
+                active: AtomicBool::new(true),
+                activation: Mutex::new(()),
+                activated: Condvar::new(),
                 last_replicated_leaf_set: Mutex::new(Vec::new()),
                 started: Instant::now(),
             }),
@@ -459,6 +469,45 @@ impl Node {
             Some(ProbeReason::MayBeNearer) => !measured_entry,
             None => false,
         }
+    }
+
+    /// Marks the node as joining (inactive) or as having a confirmed leaf set
+    /// (active). A node that starts a network is active from the start.
+    pub fn set_active(&self, active: bool) {
+        let _guard = self
+            .shared
+            .activation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.shared.active.store(active, Ordering::SeqCst);
+        if active {
+            self.shared.activated.notify_all();
+        }
+    }
+
+    /// Whether the node may act as the root of a key.
+    pub fn is_active(&self) -> bool {
+        self.shared.active.load(Ordering::SeqCst)
+    }
+
+    /// Waits up to `timeout` for the node to become active; returns whether it is.
+    /// A request that arrives at a joining node waits here rather than be routed,
+    /// or answered, from a leaf set not yet confirmed.
+    pub fn wait_active(&self, timeout: Duration) -> bool {
+        if self.is_active() {
+            return true;
+        }
+        let guard = self
+            .shared
+            .activation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let _ = self
+            .shared
+            .activated
+            .wait_timeout_while(guard, timeout, |_| !self.is_active())
+            .unwrap_or_else(|e| e.into_inner());
+        self.is_active()
     }
 
     /// True once the node has been asked to stop.

@@ -207,3 +207,111 @@ fn a_leaf_set_change_alone_moves_keys_to_new_replicas() {
         back_to_k_copies(&c, count)
     });
 }
+
+/// Churn with real nodes: for a few seconds a node is stopped and a new one joins
+/// every few heartbeats, while clients keep writing and reading. No acknowledged
+/// write may be lost: once the churn stops and the leaf sets have settled, every
+/// acknowledged write is read back, at its latest acknowledged value or a later
+/// one, from every node. The share of operations that failed during the churn is
+/// printed (it depends on the machine's load, so it is not asserted).
+#[test]
+fn churn_loses_no_acknowledged_write() {
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let mut c = LocalCluster::new(12);
+    c.wait_for_ideal_leaf_sets(DEADLINE);
+    let addrs: Arc<Mutex<Vec<SocketAddr>>> = Arc::new(Mutex::new(c.addrs()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ops, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let clients: Vec<_> = (0..3u64)
+        .map(|client| {
+            let (addrs, stop, ops, failed) =
+                (addrs.clone(), stop.clone(), ops.clone(), failed.clone());
+            std::thread::spawn(move || {
+                let mut rng = support::Rng::new(client + 1);
+                // Per key: the last acknowledged value and the last one sent.
+                let mut mine: HashMap<String, (i64, i64)> = HashMap::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let list = addrs.lock().unwrap().clone();
+                    let at = list[rng.below(list.len())];
+                    let key = format!("churn-{client}-{}", rng.below(40));
+                    let (acked, sent) = *mine.get(&key).unwrap_or(&(-1, -1));
+                    let ok = if rng.below(2) == 0 {
+                        let v = sent + 1;
+                        mine.insert(key.clone(), (acked, v));
+                        let r = pastry::client::request(
+                            at,
+                            &json!({"type": "put", "key": key, "value": v}),
+                        );
+                        let ok = r.is_ok_and(|r| r["type"] == "put_ok");
+                        if ok {
+                            mine.insert(key, (v, v));
+                        }
+                        ok
+                    } else {
+                        let r = pastry::client::request(at, &json!({"type": "get", "key": key}));
+                        r.is_ok_and(|r| match r["value"].as_i64() {
+                            Some(v) => acked <= v && v <= sent,
+                            None => r["type"] == "not_found" && acked < 0,
+                        })
+                    };
+                    ops.fetch_add(1, Ordering::Relaxed);
+                    if !ok {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                mine.into_iter()
+                    .filter(|(_, (acked, _))| *acked >= 0)
+                    .map(|(k, (acked, sent))| (k, acked, sent))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+
+    let mut rng = support::Rng::new(7);
+    for _ in 0..6 {
+        std::thread::sleep(c.config.tick * 5);
+        let live = c.live();
+        let victim = live[rng.below(live.len())];
+        // Clients stop sending to it first, as clients of a node that is going.
+        let rest: Vec<SocketAddr> = live
+            .iter()
+            .filter(|&&i| i != victim)
+            .map(|&i| c.addr(i))
+            .collect();
+        *addrs.lock().unwrap() = rest;
+        c.kill(victim);
+        let through = c.live()[rng.below(c.live().len())];
+        let fresh = c.add(Some(through));
+        addrs.lock().unwrap().push(c.addr(fresh));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let written: Vec<(String, i64, i64)> = clients
+        .into_iter()
+        .flat_map(|t| t.join().expect("client thread"))
+        .collect();
+    let (ops, failed) = (ops.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    println!(
+        "churn: {ops} operations, {failed} failed ({:.2}%), {} keys acknowledged",
+        100.0 * failed as f64 / ops.max(1) as f64,
+        written.len()
+    );
+    assert!(ops > 100, "the clients hardly ran: {ops} operations");
+    assert!(!written.is_empty());
+    c.wait_for_ideal_leaf_sets(DEADLINE);
+    wait_for("every acknowledged write readable from every node", || {
+        for (key, acked, sent) in &written {
+            for i in c.live() {
+                let r = rpc(c.addr(i), &json!({"type": "get", "key": key}));
+                let v = r["value"].as_i64();
+                if !v.is_some_and(|v| *acked <= v && v <= *sent) {
+                    return Err(format!("{key} (acknowledged {acked}) from node {i}: {r}"));
+                }
+            }
+        }
+        Ok(())
+    });
+}

@@ -441,7 +441,8 @@ fn churn(s: &Settings, procs: &mut Vec<Proc>, limit: Duration) {
         for p in procs.iter() {
             reads += 1;
             let r = rpc(p.addr, &json!({"type":"get","key":k}));
-            if !r.is_some_and(|r| r["value"].as_i64().is_some_and(|x| x >= *v)) {
+            let current = r.and_then(|r| r["value"].as_i64()).is_some_and(|x| x >= *v);
+            if !current {
                 lost += 1;
             }
         }

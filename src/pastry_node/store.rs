@@ -225,10 +225,13 @@ impl Store {
         value: Option<Value>,
         now_ms: u64,
     ) -> Versioned {
-        let previous = self.record_at(key_id, key).map_or(0, |r| r.version);
-        let version = now_ms.max(previous.saturating_add(1));
         let text = value.as_ref().map(Value::to_string);
-        self.set(key_id, key, version, text.as_deref());
+        let mut version = now_ms;
+        self.update(key_id, key, |old| {
+            let previous = old.map_or(0, |r| r.version);
+            version = now_ms.max(previous.saturating_add(1));
+            Some((version, text.as_deref()))
+        });
         Versioned {
             version,
             deleted: value.is_none(),
@@ -244,45 +247,59 @@ impl Store {
 
     /// [`Store::apply`] for a key whose id the caller gives.
     pub fn apply_at(&mut self, key_id: NodeId, key: &str, entry: Versioned) -> bool {
-        if self
-            .record_at(key_id, key)
-            .is_some_and(|r| (entry.version, entry.deleted) <= (r.version, r.deleted))
-        {
-            return false;
-        }
         // A tombstone keeps no value, whatever the copy carried.
         let text = (!entry.deleted).then(|| entry.value.to_string());
-        self.set(key_id, key, entry.version, text.as_deref());
-        true
+        self.update(key_id, key, |old| {
+            let newer = old.is_none_or(|r| (entry.version, entry.deleted) > (r.version, r.deleted));
+            newer.then_some((entry.version, text.as_deref()))
+        })
     }
 
-    /// Puts the record in place of whatever `key` held, keeping the counts.
-    fn set(&mut self, key_id: NodeId, key: &str, version: u64, value: Option<&str>) {
-        let new_len = encoded_len(key, value);
-        let mut bytes;
-        let replaced = match self.slots.get(&key_id) {
-            None => {
-                // Allocated at its final size: no growth and no shrinking.
-                bytes = Vec::with_capacity(new_len);
-                None
-            }
-            Some(slot) => {
-                // Keep the slot's other records (keys with the same id).
-                let old = slot.find(key_id, key);
-                let old_len = old.as_ref().map_or(0, |(range, _)| range.len());
-                bytes = Vec::with_capacity(slot.0.len() - old_len + new_len);
-                let mut from = 0;
-                if let Some((range, _)) = &old {
-                    bytes.extend_from_slice(&slot.0[..range.start]);
-                    from = range.end;
-                }
-                bytes.extend_from_slice(&slot.0[from..]);
-                old.map(|(_, r)| (!r.deleted, r.bytes()))
-            }
+    /// Replaces `key`'s record with the version and value (`None`: a tombstone)
+    /// that `new` picks given the record it holds now, if it picks one; keeps the
+    /// counts. One walk down the tree. Returns whether it replaced the record.
+    fn update<'v>(
+        &mut self,
+        key_id: NodeId,
+        key: &str,
+        new: impl FnOnce(Option<Record<'_>>) -> Option<(u64, Option<&'v str>)>,
+    ) -> bool {
+        use std::collections::btree_map::Entry;
+        let slot = self.slots.entry(key_id);
+        let old = match &slot {
+            Entry::Vacant(_) => None,
+            Entry::Occupied(o) => o.get().find(key_id, key),
         };
+        let replaced = old.as_ref().map(|(_, r)| (!r.deleted, r.bytes()));
+        let Some((version, value)) = new(old.as_ref().map(|(_, r)| *r)) else {
+            return false;
+        };
+        let new_len = encoded_len(key, value);
+        // Allocated at its final size: no growth and no shrinking.
+        let mut bytes;
+        match (&slot, old) {
+            (Entry::Occupied(o), Some((range, _))) => {
+                // Keep the slot's other records (keys with the same id).
+                let all = &o.get().0;
+                bytes = Vec::with_capacity(all.len() - range.len() + new_len);
+                bytes.extend_from_slice(&all[..range.start]);
+                bytes.extend_from_slice(&all[range.end..]);
+            }
+            (Entry::Occupied(o), None) => {
+                bytes = Vec::with_capacity(o.get().0.len() + new_len);
+                bytes.extend_from_slice(&o.get().0);
+            }
+            (Entry::Vacant(_), _) => bytes = Vec::with_capacity(new_len),
+        }
         encode(&mut bytes, key, version, value);
         debug_assert_eq!(bytes.len(), bytes.capacity());
-        self.slots.insert(key_id, Slot(bytes.into_boxed_slice()));
+        let bytes = Slot(bytes.into_boxed_slice());
+        match slot {
+            Entry::Occupied(mut o) => *o.get_mut() = bytes,
+            Entry::Vacant(v) => {
+                v.insert(bytes);
+            }
+        }
 
         let (was_live, old_bytes) = replaced.unwrap_or((false, 0));
         if replaced.is_none() {
@@ -294,6 +311,7 @@ impl Store {
             (true, false) => self.live -= 1,
             _ => {}
         }
+        true
     }
 
     /// The record for `key`, tombstones included, borrowed.

@@ -115,7 +115,10 @@ struct Slot(Box<[u8]>);
 
 impl Slot {
     /// The records in the slot, each with the byte range it takes.
-    fn records(&self, key_id: NodeId) -> impl Iterator<Item = (std::ops::Range<usize>, Record<'_>)> {
+    fn records(
+        &self,
+        key_id: NodeId,
+    ) -> impl Iterator<Item = (std::ops::Range<usize>, Record<'_>)> {
         let bytes = &self.0[..];
         let mut at = 0;
         std::iter::from_fn(move || {
@@ -397,7 +400,10 @@ impl Store {
         }
         let (mut removed, mut bytes) = (0, 0);
         self.slots.retain(|id, slot| {
-            if !slot.records(*id).any(|(_, r)| r.deleted && r.version < version) {
+            if !slot
+                .records(*id)
+                .any(|(_, r)| r.deleted && r.version < version)
+            {
                 return true;
             }
             let mut kept = Vec::new();

@@ -67,8 +67,9 @@ pub struct Record<'a> {
     pub version: u64,
     /// True for a tombstone.
     pub deleted: bool,
-    /// The value's compact JSON text; empty in a tombstone.
-    value: &'a str,
+    /// The value's compact JSON text; empty in a tombstone. Kept as bytes: it is
+    /// checked to be UTF-8 only when it is read as text.
+    value: &'a [u8],
 }
 
 impl<'a> Record<'a> {
@@ -78,14 +79,18 @@ impl<'a> Record<'a> {
         if self.deleted {
             "null"
         } else {
-            self.value
+            // The text came from a `String`, so it is UTF-8.
+            std::str::from_utf8(self.value).unwrap_or("null")
         }
     }
 
     /// The value, parsed (`null` in a tombstone).
     pub fn value(&self) -> Value {
         // The text was written by `serde_json` from a `Value`, so it parses.
-        serde_json::from_str(self.value_json()).unwrap_or(Value::Null)
+        if self.deleted {
+            return Value::Null;
+        }
+        serde_json::from_slice(self.value).unwrap_or(Value::Null)
     }
 
     /// The entry in the form replicas exchange.
@@ -133,7 +138,15 @@ impl Slot {
     }
 
     fn find(&self, key_id: NodeId, key: &str) -> Option<(std::ops::Range<usize>, Record<'_>)> {
-        self.records(key_id).find(|(_, r)| r.key == key)
+        let mut at = 0;
+        while at < self.0.len() {
+            let (raw, end) = decode_raw(&self.0, at);
+            if raw.key == key.as_bytes() {
+                return Some((at..end, raw.record(key_id)));
+            }
+            at = end;
+        }
+        None
     }
 }
 
@@ -154,24 +167,44 @@ fn encode(out: &mut Vec<u8>, key: &str, version: u64, value: Option<&str>) {
     out.extend_from_slice(value.as_bytes());
 }
 
+/// A record's fields as they lie in its slot.
+struct Raw<'a> {
+    version: u64,
+    key: &'a [u8],
+    value: &'a [u8],
+}
+
+impl<'a> Raw<'a> {
+    fn record(&self, key_id: NodeId) -> Record<'a> {
+        Record {
+            key_id,
+            // The key came from a `&str`, so it is UTF-8.
+            key: std::str::from_utf8(self.key).unwrap_or_default(),
+            version: self.version,
+            deleted: self.value.is_empty(),
+            value: self.value,
+        }
+    }
+}
+
 /// Reads the record at `at` of a slot; returns it and where the next begins.
-/// The slot was written by `encode` alone, so the bytes are well formed (keys
-/// and values came from `&str`, hence valid UTF-8).
-fn decode(bytes: &[u8], at: usize, key_id: NodeId) -> (Record<'_>, usize) {
+/// The slot was written by `encode` alone, so the bytes are well formed.
+fn decode_raw(bytes: &[u8], at: usize) -> (Raw<'_>, usize) {
     let mut version = [0u8; 8];
     version.copy_from_slice(&bytes[at..at + 8]);
     let (key_len, at) = read_varint(bytes, at + 8);
     let (value_len, at) = read_varint(bytes, at);
-    let key = &bytes[at..at + key_len];
-    let value = &bytes[at + key_len..at + key_len + value_len];
-    let record = Record {
-        key_id,
-        key: std::str::from_utf8(key).unwrap_or_default(),
+    let raw = Raw {
         version: u64::from_le_bytes(version),
-        deleted: value.is_empty(),
-        value: std::str::from_utf8(value).unwrap_or_default(),
+        key: &bytes[at..at + key_len],
+        value: &bytes[at + key_len..at + key_len + value_len],
     };
-    (record, at + key_len + value_len)
+    (raw, at + key_len + value_len)
+}
+
+fn decode(bytes: &[u8], at: usize, key_id: NodeId) -> (Record<'_>, usize) {
+    let (raw, end) = decode_raw(bytes, at);
+    (raw.record(key_id), end)
 }
 
 fn push_varint(out: &mut Vec<u8>, mut n: usize) {

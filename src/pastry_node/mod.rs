@@ -604,12 +604,12 @@ impl Node {
 
     /// Our entry for `key`, tombstone included.
     pub fn store_entry(&self, key: &str) -> Option<Versioned> {
-        self.store().entry(key).cloned()
+        self.store().entry(key)
     }
 
     /// Our live value for `key`.
     pub fn store_get(&self, key: &str) -> Option<Value> {
-        self.store().get(key).cloned()
+        self.store().get(key)
     }
 
     /// The replica set of `key_id` as we see it: the k nodes of L ∪ {us}
@@ -636,12 +636,16 @@ impl Node {
         let k = self.replicas();
         // One look at the leaf set for the whole round, not one per key.
         let leaf_set = self.leaf_set_members();
+        if leaf_set.is_empty() {
+            // Alone: nobody to send to, and no reason to copy every key.
+            return HashMap::new();
+        }
         let mut with_us = leaf_set.clone();
         with_us.push(own);
         let keys: Vec<(String, NodeId, Versioned)> = self
             .store()
             .iter()
-            .map(|(key, s)| (key.clone(), s.key_id, s.entry.clone()))
+            .map(|r| (r.key.to_string(), r.key_id, r.versioned()))
             .collect();
         let mut out: HashMap<NodeInfo, Vec<KeyEntry>> = HashMap::new();
         for (key, key_id, entry) in keys {

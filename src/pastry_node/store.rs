@@ -2,10 +2,6 @@
 //! one of its replicas (PAST's replica set: the k nodes numerically closest to
 //! the key id).
 //!
-//! Keys are stored under their full string, never under a truncated hash, so two
-//! keys can never overwrite each other. The key's 160-bit id is kept beside the
-//! value so that a node can tell which replica set each key belongs to.
-//!
 //! Every write carries a version, so that copies converge to the latest write
 //! whatever order they arrive in, and a delete leaves a tombstone (a versioned
 //! "deleted"), so that re-replication cannot bring a deleted value back. The root
@@ -13,9 +9,30 @@
 //! than the version it holds if that is larger, so that versions grow even when a
 //! new root's clock is behind.
 //!
+//! # Layout
+//!
+//! A node may hold millions of small keys, so the layout is chosen for memory
+//! (measured by `bench --memory-keys`; see the README):
+//!
+//! - Entries are ordered by **key id** in a B-tree (`BTreeMap<NodeId, Slot>`).
+//!   Its nodes are at least half full, where a hash table at a million entries
+//!   may be more than half empty (it doubles). The order is also the ring's: the
+//!   keys whose ids lie in an arc of the ring (what a replica set is responsible
+//!   for) are one range of the tree, read without a scan ([`Store::in_arc`]).
+//! - Each entry is **one heap allocation** holding the version, the key and the
+//!   value as its compact JSON text, not a `serde_json::Value` tree with an
+//!   allocation per string, array and object. A value is parsed again when it
+//!   is read; [`Record::value_json`] hands out the text as it is.
+//! - Keys are stored whole, never under a truncated hash alone: the id is the
+//!   B-tree's key, and the full key string is kept in the record. Two distinct
+//!   keys whose 160-bit ids collide (SHA-1 makes that astronomically rare, but
+//!   not impossible) share a slot, one record each, and never overwrite each
+//!   other.
+//!
 //! Pure: no sockets, locks, clocks or logging (the caller passes the time in).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+use std::ops::Bound;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -42,18 +59,186 @@ impl Versioned {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
-pub struct Stored {
+/// A stored entry as the store holds it, borrowed: what iteration yields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record<'a> {
     pub key_id: NodeId,
-    pub entry: Versioned,
+    pub key: &'a str,
+    pub version: u64,
+    /// True for a tombstone.
+    pub deleted: bool,
+    /// The value's compact JSON text; empty in a tombstone. Kept as bytes: it is
+    /// checked to be UTF-8 only when it is read as text.
+    value: &'a [u8],
+}
+
+impl<'a> Record<'a> {
+    /// The value as JSON text, `null` in a tombstone: ready to be written into a
+    /// reply as it is, without parsing it.
+    pub fn value_json(&self) -> &'a str {
+        if self.deleted {
+            "null"
+        } else {
+            // The text came from a `String`, so it is UTF-8.
+            std::str::from_utf8(self.value).unwrap_or("null")
+        }
+    }
+
+    /// The value, parsed (`null` in a tombstone).
+    pub fn value(&self) -> Value {
+        // The text was written by `serde_json` from a `Value`, so it parses.
+        if self.deleted {
+            return Value::Null;
+        }
+        serde_json::from_slice(self.value).unwrap_or(Value::Null)
+    }
+
+    /// The entry in the form replicas exchange.
+    pub fn versioned(&self) -> Versioned {
+        Versioned {
+            version: self.version,
+            deleted: self.deleted,
+            value: self.value(),
+        }
+    }
+
+    /// Key and value bytes, as [`Store::bytes`] counts them.
+    fn bytes(&self) -> usize {
+        self.key.len() + self.value.len()
+    }
+}
+
+/// The records of one key id, in one allocation: normally one record; more only
+/// when distinct keys have the same id.
+///
+/// A record is `version` (8 bytes, little-endian), the key's length and the
+/// value's length (each a LEB128 varint: one byte below 128), then the key and
+/// the value's JSON text. A value length of 0 marks a tombstone: JSON text is
+/// never empty, and a tombstone needs no value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Slot(Box<[u8]>);
+
+impl Slot {
+    /// The records in the slot, each with the byte range it takes.
+    fn records(
+        &self,
+        key_id: NodeId,
+    ) -> impl Iterator<Item = (std::ops::Range<usize>, Record<'_>)> {
+        let bytes = &self.0[..];
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            if at >= bytes.len() {
+                return None;
+            }
+            let start = at;
+            let (record, end) = decode(bytes, at, key_id);
+            at = end;
+            Some((start..end, record))
+        })
+    }
+
+    fn find(&self, key_id: NodeId, key: &str) -> Option<(std::ops::Range<usize>, Record<'_>)> {
+        let mut at = 0;
+        while at < self.0.len() {
+            let (raw, end) = decode_raw(&self.0, at);
+            if raw.key == key.as_bytes() {
+                return Some((at..end, raw.record(key_id)));
+            }
+            at = end;
+        }
+        None
+    }
+}
+
+/// The bytes `encode` takes for a record.
+fn encoded_len(key: &str, value: Option<&str>) -> usize {
+    let varint_len = |n: usize| (usize::BITS - n.leading_zeros()).max(1).div_ceil(7) as usize;
+    let value_len = value.map_or(0, str::len);
+    8 + varint_len(key.len()) + varint_len(value_len) + key.len() + value_len
+}
+
+/// Appends one record to `out`.
+fn encode(out: &mut Vec<u8>, key: &str, version: u64, value: Option<&str>) {
+    let value = value.unwrap_or("");
+    out.extend_from_slice(&version.to_le_bytes());
+    push_varint(out, key.len());
+    push_varint(out, value.len());
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(value.as_bytes());
+}
+
+/// A record's fields as they lie in its slot.
+struct Raw<'a> {
+    version: u64,
+    key: &'a [u8],
+    value: &'a [u8],
+}
+
+impl<'a> Raw<'a> {
+    fn record(&self, key_id: NodeId) -> Record<'a> {
+        Record {
+            key_id,
+            // The key came from a `&str`, so it is UTF-8.
+            key: std::str::from_utf8(self.key).unwrap_or_default(),
+            version: self.version,
+            deleted: self.value.is_empty(),
+            value: self.value,
+        }
+    }
+}
+
+/// Reads the record at `at` of a slot; returns it and where the next begins.
+/// The slot was written by `encode` alone, so the bytes are well formed.
+fn decode_raw(bytes: &[u8], at: usize) -> (Raw<'_>, usize) {
+    let mut version = [0u8; 8];
+    version.copy_from_slice(&bytes[at..at + 8]);
+    let (key_len, at) = read_varint(bytes, at + 8);
+    let (value_len, at) = read_varint(bytes, at);
+    let raw = Raw {
+        version: u64::from_le_bytes(version),
+        key: &bytes[at..at + key_len],
+        value: &bytes[at + key_len..at + key_len + value_len],
+    };
+    (raw, at + key_len + value_len)
+}
+
+fn decode(bytes: &[u8], at: usize, key_id: NodeId) -> (Record<'_>, usize) {
+    let (raw, end) = decode_raw(bytes, at);
+    (raw.record(key_id), end)
+}
+
+fn push_varint(out: &mut Vec<u8>, mut n: usize) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn read_varint(bytes: &[u8], mut at: usize) -> (usize, usize) {
+    let (mut n, mut shift) = (0usize, 0);
+    loop {
+        let b = bytes[at];
+        at += 1;
+        n |= ((b & 0x7f) as usize) << shift;
+        if b < 0x80 {
+            return (n, at);
+        }
+        shift += 7;
+    }
 }
 
 #[derive(Default, Debug)]
 pub struct Store {
-    map: HashMap<String, Stored>,
-    /// Entries that are not tombstones, kept up to date so that `stats` does not
+    slots: BTreeMap<NodeId, Slot>,
+    /// Records, tombstones included (more than `slots.len()` only after an id
+    /// collision).
+    records: usize,
+    /// Records that are not tombstones, kept up to date so that `stats` does not
     /// walk a million keys under the lock.
     live: usize,
+    /// Key and value (JSON text) bytes of every record.
+    bytes: usize,
 }
 
 impl Store {
@@ -64,56 +249,126 @@ impl Store {
     /// The root's write (a put, or a delete when `value` is `None`) at time
     /// `now_ms`; returns the new version.
     pub fn write(&mut self, key: &str, value: Option<Value>, now_ms: u64) -> Versioned {
-        let previous = self.map.get(key).map_or(0, |s| s.entry.version);
-        let entry = Versioned {
-            version: now_ms.max(previous.saturating_add(1)),
-            deleted: value.is_none(),
-            value: value.unwrap_or(Value::Null),
-        };
-        self.set(key, entry.clone());
-        entry
+        self.write_at(NodeId::for_key(key), key, value, now_ms)
     }
 
-    /// Puts `entry` in place of whatever `key` held, keeping the live count.
-    fn set(&mut self, key: &str, entry: Versioned) {
-        let now_live = !entry.deleted;
-        let stored = Stored {
-            key_id: NodeId::for_key(key),
-            entry,
-        };
-        let was_live = self
-            .map
-            .insert(key.to_string(), stored)
-            .is_some_and(|old| !old.entry.deleted);
-        match (was_live, now_live) {
-            (false, true) => self.live += 1,
-            (true, false) => self.live -= 1,
-            _ => {}
+    /// [`Store::write`] for a key whose id the caller gives (it must be
+    /// `NodeId::for_key(key)`; tests give others to make ids collide).
+    pub fn write_at(
+        &mut self,
+        key_id: NodeId,
+        key: &str,
+        value: Option<Value>,
+        now_ms: u64,
+    ) -> Versioned {
+        let text = value.as_ref().map(Value::to_string);
+        let mut version = now_ms;
+        self.update(key_id, key, |old| {
+            let previous = old.map_or(0, |r| r.version);
+            version = now_ms.max(previous.saturating_add(1));
+            Some((version, text.as_deref()))
+        });
+        Versioned {
+            version,
+            deleted: value.is_none(),
+            value: value.unwrap_or(Value::Null),
         }
     }
 
     /// Takes in a copy from another node if it is newer than ours. Returns true
     /// if it was taken.
     pub fn apply(&mut self, key: &str, entry: Versioned) -> bool {
-        if self
-            .map
-            .get(key)
-            .is_some_and(|s| !entry.supersedes(&s.entry))
-        {
+        self.apply_at(NodeId::for_key(key), key, entry)
+    }
+
+    /// [`Store::apply`] for a key whose id the caller gives.
+    pub fn apply_at(&mut self, key_id: NodeId, key: &str, entry: Versioned) -> bool {
+        // A tombstone keeps no value, whatever the copy carried.
+        let text = (!entry.deleted).then(|| entry.value.to_string());
+        self.update(key_id, key, |old| {
+            let newer = old.is_none_or(|r| (entry.version, entry.deleted) > (r.version, r.deleted));
+            newer.then_some((entry.version, text.as_deref()))
+        })
+    }
+
+    /// Replaces `key`'s record with the version and value (`None`: a tombstone)
+    /// that `new` picks given the record it holds now, if it picks one; keeps the
+    /// counts. One walk down the tree. Returns whether it replaced the record.
+    fn update<'v>(
+        &mut self,
+        key_id: NodeId,
+        key: &str,
+        new: impl FnOnce(Option<Record<'_>>) -> Option<(u64, Option<&'v str>)>,
+    ) -> bool {
+        use std::collections::btree_map::Entry;
+        let slot = self.slots.entry(key_id);
+        let old = match &slot {
+            Entry::Vacant(_) => None,
+            Entry::Occupied(o) => o.get().find(key_id, key),
+        };
+        let replaced = old.as_ref().map(|(_, r)| (!r.deleted, r.bytes()));
+        let Some((version, value)) = new(old.as_ref().map(|(_, r)| *r)) else {
             return false;
+        };
+        let new_len = encoded_len(key, value);
+        // Allocated at its final size: no growth and no shrinking.
+        let mut bytes;
+        match (&slot, old) {
+            (Entry::Occupied(o), Some((range, _))) => {
+                // Keep the slot's other records (keys with the same id).
+                let all = &o.get().0;
+                bytes = Vec::with_capacity(all.len() - range.len() + new_len);
+                bytes.extend_from_slice(&all[..range.start]);
+                bytes.extend_from_slice(&all[range.end..]);
+            }
+            (Entry::Occupied(o), None) => {
+                bytes = Vec::with_capacity(o.get().0.len() + new_len);
+                bytes.extend_from_slice(&o.get().0);
+            }
+            (Entry::Vacant(_), _) => bytes = Vec::with_capacity(new_len),
         }
-        self.set(key, entry);
+        encode(&mut bytes, key, version, value);
+        debug_assert_eq!(bytes.len(), bytes.capacity());
+        let bytes = Slot(bytes.into_boxed_slice());
+        match slot {
+            Entry::Occupied(mut o) => *o.get_mut() = bytes,
+            Entry::Vacant(v) => {
+                v.insert(bytes);
+            }
+        }
+
+        let (was_live, old_bytes) = replaced.unwrap_or((false, 0));
+        if replaced.is_none() {
+            self.records += 1;
+        }
+        self.bytes = self.bytes - old_bytes + key.len() + value.map_or(0, str::len);
+        match (was_live, value.is_some()) {
+            (false, true) => self.live += 1,
+            (true, false) => self.live -= 1,
+            _ => {}
+        }
         true
     }
 
+    /// The record for `key`, tombstones included, borrowed.
+    pub fn record(&self, key: &str) -> Option<Record<'_>> {
+        self.record_at(NodeId::for_key(key), key)
+    }
+
+    /// [`Store::record`] for a key whose id the caller gives.
+    pub fn record_at(&self, key_id: NodeId, key: &str) -> Option<Record<'_>> {
+        let slot = self.slots.get(&key_id)?;
+        slot.find(key_id, key).map(|(_, r)| r)
+    }
+
     /// The entry for `key`, tombstones included.
-    pub fn entry(&self, key: &str) -> Option<&Versioned> {
-        self.map.get(key).map(|s| &s.entry)
+    pub fn entry(&self, key: &str) -> Option<Versioned> {
+        self.record(key).map(|r| r.versioned())
     }
 
     /// The live value of `key`.
-    pub fn get(&self, key: &str) -> Option<&Value> {
-        self.entry(key).filter(|e| !e.deleted).map(|e| &e.value)
+    pub fn get(&self, key: &str) -> Option<Value> {
+        self.record(key).filter(|r| !r.deleted).map(|r| r.value())
     }
 
     /// Live keys (tombstones not counted).
@@ -125,9 +380,80 @@ impl Store {
         self.len() == 0
     }
 
-    /// Every key with its id and entry, tombstones included.
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &Stored)> {
-        self.map.iter()
+    /// Tombstones held.
+    pub fn tombstones(&self) -> usize {
+        self.records - self.live
+    }
+
+    /// Key and value bytes held, tombstones included: the key strings plus the
+    /// values' compact JSON text (the sizes a cap on the store would count; the
+    /// store's own overhead is on top, about 100 bytes a key).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Every record in key-id order, tombstones included.
+    pub fn iter(&self) -> impl Iterator<Item = Record<'_>> {
+        self.slots
+            .iter()
+            .flat_map(|(id, slot)| slot.records(*id).map(|(_, r)| r))
+    }
+
+    /// The records whose key id lies in the arc of the ring from `from`
+    /// (excluded) clockwise to `to` (included), tombstones included, without a
+    /// scan of the rest. The arc may wrap past zero; `from == to` is the whole
+    /// ring.
+    pub fn in_arc(&self, from: &NodeId, to: &NodeId) -> impl Iterator<Item = Record<'_>> {
+        let (first, second) = if from < to {
+            (
+                self.slots
+                    .range((Bound::Excluded(*from), Bound::Included(*to))),
+                None,
+            )
+        } else {
+            // Wrapping: (from, max] and then [0, to].
+            (
+                self.slots.range((Bound::Excluded(*from), Bound::Unbounded)),
+                Some(self.slots.range(..=*to)),
+            )
+        };
+        first
+            .chain(second.into_iter().flatten())
+            .flat_map(|(id, slot)| slot.records(*id).map(|(_, r)| r))
+    }
+
+    /// Drops the tombstones whose version is below `version` (for a tombstone
+    /// the root wrote, the time of the delete in milliseconds); returns how many.
+    /// Once every replica has had the tombstone for longer than a copy can be
+    /// in flight, it has done its work. One pass over the records, skipped when
+    /// there are no tombstones.
+    pub fn remove_tombstones_before(&mut self, version: u64) -> usize {
+        if self.tombstones() == 0 {
+            return 0;
+        }
+        let (mut removed, mut bytes) = (0, 0);
+        self.slots.retain(|id, slot| {
+            if !slot
+                .records(*id)
+                .any(|(_, r)| r.deleted && r.version < version)
+            {
+                return true;
+            }
+            let mut kept = Vec::new();
+            for (range, r) in slot.records(*id) {
+                if r.deleted && r.version < version {
+                    removed += 1;
+                    bytes += r.bytes();
+                } else {
+                    kept.extend_from_slice(&slot.0[range]);
+                }
+            }
+            *slot = Slot(kept.into_boxed_slice());
+            !slot.0.is_empty()
+        });
+        self.records -= removed;
+        self.bytes -= bytes;
+        removed
     }
 }
 
@@ -144,12 +470,52 @@ mod tests {
         // A root whose clock is behind still moves the version forward.
         let b = s.write("apple", Some(json!({"c": 1})), 50);
         assert_eq!(b.version, 101);
-        assert_eq!(s.get("apple"), Some(&json!({"c": 1})));
+        assert_eq!(s.get("apple"), Some(json!({"c": 1})));
+        assert_eq!(s.record("apple").unwrap().value_json(), r#"{"c":1}"#);
         let d = s.write("apple", None, 200);
         assert!(d.deleted && d.version == 200);
         assert_eq!(s.get("apple"), None);
-        assert!(s.entry("apple").is_some(), "the tombstone stays");
+        assert_eq!(
+            s.entry("apple"),
+            Some(Versioned {
+                version: 200,
+                deleted: true,
+                value: Value::Null
+            }),
+            "the tombstone stays"
+        );
         assert!(s.is_empty());
+        assert_eq!(s.tombstones(), 1);
+    }
+
+    #[test]
+    fn values_come_back_as_they_went_in() {
+        let mut s = Store::new();
+        let values = [
+            json!(null),
+            json!(false),
+            json!(-0.0),
+            json!(1e300),
+            json!(u64::MAX),
+            json!(i64::MIN),
+            json!(""),
+            json!("line\nbreak \"quoted\" ünïcødé \u{0}"),
+            json!([1, [2, {"a": null}], "x"]),
+            json!({"z": 1, "a": {"nested": [true]}}),
+        ];
+        for (i, v) in values.iter().enumerate() {
+            s.write(&format!("k{i}"), Some(v.clone()), 1);
+        }
+        // A long key needs a varint of more than one byte.
+        let long_key = "k".repeat(70_000);
+        s.write(&long_key, Some(json!("v".repeat(300))), 1);
+        for (i, v) in values.iter().enumerate() {
+            assert_eq!(s.get(&format!("k{i}")).as_ref(), Some(v));
+        }
+        assert_eq!(s.get(&long_key), Some(json!("v".repeat(300))));
+        assert_eq!(s.len(), values.len() + 1);
+        // A stored `null` is a live value, not a tombstone.
+        assert!(!s.record("k0").unwrap().deleted);
     }
 
     #[test]
@@ -157,7 +523,7 @@ mod tests {
         let v = |version, deleted| Versioned {
             version,
             deleted,
-            value: json!(version),
+            value: if deleted { Value::Null } else { json!(version) },
         };
         let orders = [[1, 2, 3], [3, 2, 1], [2, 3, 1]];
         for order in orders {
@@ -165,7 +531,8 @@ mod tests {
             for i in order {
                 s.apply("k", v(i, false));
             }
-            assert_eq!(s.get("k"), Some(&json!(3)));
+            assert_eq!(s.get("k"), Some(json!(3)));
+            assert_eq!(s.entry("k"), Some(v(3, false)));
         }
         // An old copy does not bring a deleted value back; a tie goes to the
         // tombstone.
@@ -173,6 +540,7 @@ mod tests {
         s.apply("k", v(5, true));
         assert!(!s.apply("k", v(4, false)));
         assert!(!s.apply("k", v(5, false)));
+        assert!(!s.apply("k", v(5, true)), "the same copy again is not news");
         assert_eq!(s.get("k"), None);
         assert_eq!(s.len(), 0, "a tombstone is not a live key");
         s.apply("k", v(6, false));
@@ -180,5 +548,102 @@ mod tests {
         assert_eq!(s.len(), 2);
         s.write("other", None, 0);
         assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn keys_with_the_same_id_do_not_overwrite_each_other() {
+        // SHA-1 collisions cannot be found on demand: give both keys one id.
+        let id = NodeId([7; 20]);
+        let mut s = Store::new();
+        s.write_at(id, "first", Some(json!(1)), 10);
+        s.write_at(id, "second", Some(json!(2)), 10);
+        assert_eq!(s.record_at(id, "first").map(|r| r.value()), Some(json!(1)));
+        assert_eq!(s.record_at(id, "second").map(|r| r.value()), Some(json!(2)));
+        assert_eq!(s.record_at(id, "third"), None);
+        assert_eq!((s.len(), s.iter().count()), (2, 2));
+
+        // Each keeps its own version, and a write or delete touches only its key.
+        assert_eq!(s.write_at(id, "first", Some(json!(3)), 5).version, 11);
+        assert!(s.write_at(id, "second", None, 20).deleted);
+        assert_eq!(s.record_at(id, "first").map(|r| r.value()), Some(json!(3)));
+        assert!(s.record_at(id, "second").unwrap().deleted);
+        assert!(!s.apply_at(
+            id,
+            "second",
+            Versioned {
+                version: 19,
+                deleted: false,
+                value: json!("stale")
+            }
+        ));
+        assert!(s.apply_at(
+            id,
+            "third",
+            Versioned {
+                version: 1,
+                deleted: false,
+                value: json!(4)
+            }
+        ));
+        assert_eq!((s.len(), s.tombstones()), (2, 1));
+        let keys: Vec<&str> = s.in_arc(&NodeId([6; 20]), &id).map(|r| r.key).collect();
+        assert_eq!(keys.len(), 3);
+        for k in ["first", "second", "third"] {
+            assert!(keys.contains(&k));
+        }
+
+        // Dropping the tombstone leaves the other keys of the slot.
+        assert_eq!(s.remove_tombstones_before(21), 1);
+        assert_eq!(s.record_at(id, "second"), None);
+        assert_eq!(s.record_at(id, "first").map(|r| r.value()), Some(json!(3)));
+        assert_eq!(s.record_at(id, "third").map(|r| r.value()), Some(json!(4)));
+        assert_eq!(s.bytes(), "first".len() + 1 + "third".len() + 1);
+    }
+
+    #[test]
+    fn an_arc_of_the_ring_is_a_range_and_may_wrap() {
+        let id = |b: u8| NodeId([b; 20]);
+        let mut s = Store::new();
+        for b in [0u8, 10, 20, 30, 255] {
+            s.write_at(id(b), &format!("key{b}"), Some(json!(b)), 1);
+        }
+        let arc = |s: &Store, from, to| -> Vec<u8> {
+            s.in_arc(&id(from), &id(to))
+                .map(|r| r.value().as_u64().unwrap() as u8)
+                .collect()
+        };
+        // (from, to]: the start is not in the arc, the end is.
+        assert_eq!(arc(&s, 10, 30), vec![20, 30]);
+        assert_eq!(arc(&s, 11, 19), Vec::<u8>::new());
+        // Past the top of the ring and on from zero.
+        assert_eq!(arc(&s, 20, 10), vec![30, 255, 0, 10]);
+        assert_eq!(arc(&s, 30, 30), vec![255, 0, 10, 20, 30]);
+        // Iteration is in id order.
+        let all: Vec<NodeId> = s.iter().map(|r| r.key_id).collect();
+        assert_eq!(all, vec![id(0), id(10), id(20), id(30), id(255)]);
+    }
+
+    #[test]
+    fn byte_count_and_tombstone_expiry() {
+        let mut s = Store::new();
+        s.write("ab", Some(json!("xyz")), 100); // 2 + 5
+        s.write("cd", Some(json!(12)), 100); // 2 + 2
+        assert_eq!(s.bytes(), 11);
+        s.write("ab", Some(json!(1)), 100); // 2 + 1
+        assert_eq!(s.bytes(), 7);
+        s.write("ab", None, 150); // 2 + 0
+        s.write("cd", None, 250);
+        assert_eq!((s.bytes(), s.tombstones(), s.len()), (4, 2, 0));
+        // Only tombstones older than the bound go, live keys never.
+        s.write("ef", Some(json!(true)), 1);
+        assert_eq!(s.remove_tombstones_before(200), 1);
+        assert_eq!(s.entry("ab"), None);
+        assert!(s.entry("cd").is_some_and(|e| e.deleted));
+        assert_eq!(s.get("ef"), Some(json!(true)));
+        assert_eq!((s.bytes(), s.tombstones(), s.len()), (8, 1, 1));
+        // A key whose tombstone is gone can be written afresh.
+        assert_eq!(s.write("ab", Some(json!(2)), 10).version, 10);
+        assert_eq!(s.remove_tombstones_before(u64::MAX), 1);
+        assert_eq!((s.tombstones(), s.len(), s.iter().count()), (0, 2, 2));
     }
 }

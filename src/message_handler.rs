@@ -141,11 +141,18 @@ pub enum Request {
     Fetch {
         key: String,
     },
+    /// Anti-entropy: the sender's digest of the keys both it and the receiver
+    /// should hold (see `pastry_node::anti_entropy`). The receiver answers with
+    /// the buckets in which its own copies differ.
+    Digest {
+        node: NodeInfo,
+        buckets: Vec<u64>,
+    },
 }
 
 /// Every request kind by its canonical name (aliases map to these), as `stats`
 /// counts them.
-pub const KINDS: [&str; 13] = [
+pub const KINDS: [&str; 14] = [
     "ping",
     "help",
     "put",
@@ -159,6 +166,7 @@ pub const KINDS: [&str; 13] = [
     "announce",
     "replicate",
     "fetch",
+    "digest",
 ];
 
 /// Other names a request type is accepted under (the original design's), with
@@ -197,6 +205,7 @@ impl Request {
             Request::Announce { .. } => 10,
             Request::Replicate { .. } => 11,
             Request::Fetch { .. } => 12,
+            Request::Digest { .. } => 13,
         }
     }
 }
@@ -302,6 +311,10 @@ pub enum Reply {
         peers_failed: u64,
         /// Copies of keys other nodes took from our replication pushes.
         keys_replicated: u64,
+        /// Tombstones held (deleted keys whose tombstone has not expired).
+        tombstones: usize,
+        /// Copies dropped because the nodes that should hold them do.
+        copies_dropped: u64,
         uptime_ms: u64,
     },
     /// The reply to `join`: what the nodes on the route contributed.
@@ -329,6 +342,10 @@ pub enum Reply {
     /// The reply to `replicate`: how many of the copies were newer and kept.
     Replicated {
         applied: usize,
+    },
+    /// The reply to `digest`: the buckets whose copies differ from the sender's.
+    DigestDiff {
+        differing: Vec<u32>,
     },
     /// The reply to `fetch`: our entry for the key, tombstone included.
     Entry {
@@ -463,6 +480,18 @@ fn validate(request: &Request) -> Result<(), (i64, String)> {
         | Request::Fetch { key } => check_key(key),
         Request::Replicate { entries } => entries.iter().try_for_each(|e| check_key(&e.key)),
         Request::Join { node } | Request::Announce { node, .. } => check_node(node),
+        Request::Digest { node, buckets } => {
+            if buckets.is_empty() || buckets.len() > crate::pastry_node::anti_entropy::MAX_BUCKETS {
+                return Err((
+                    code::INVALID_PARAMS,
+                    format!(
+                        "\"buckets\" must hold 1 to {} hashes",
+                        crate::pastry_node::anti_entropy::MAX_BUCKETS
+                    ),
+                ));
+            }
+            check_node(node)
+        }
         Request::Forward { hops, op } => {
             if *hops > MAX_HOPS {
                 return Err((code::HOP_CAP, hop_cap_message()));
@@ -532,6 +561,17 @@ pub fn handle(node: &Node, request: Request, transport: &dyn Transport) -> Reply
         Request::Join { node: joiner } => route_op(node, Op::Join { node: joiner }, 0, transport),
         Request::Forward { hops, op } => route_op(node, op, hops, transport),
         Request::Status => node.status(),
+        Request::Digest {
+            node: from,
+            buckets,
+        } => {
+            // Computed over the copies we should hold with the sender, bucketed as
+            // the sender did.
+            let ours = node.digest_for(&from.node_id, Some(buckets.len()));
+            Reply::DigestDiff {
+                differing: ours.differing(&buckets),
+            }
+        }
         Request::Replicate { entries } => Reply::Replicated {
             applied: entries
                 .into_iter()
@@ -913,6 +953,10 @@ mod tests {
             Request::Announce { node, rows: vec![] },
             Request::Replicate { entries: vec![] },
             Request::Fetch { key: "k".into() },
+            Request::Digest {
+                node,
+                buckets: vec![0],
+            },
         ];
         assert_eq!(requests.len(), KINDS.len());
         for (i, r) in requests.iter().enumerate() {

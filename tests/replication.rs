@@ -54,8 +54,9 @@ fn all_readable_everywhere(c: &LocalCluster, count: usize) -> Result<(), String>
     Ok(())
 }
 
-/// Every key is held by exactly its replica set.
-fn back_to_k_copies(c: &LocalCluster, count: usize) -> Result<(), String> {
+/// Every key is held by its replica set: by every member (and, if `exactly`,
+/// by no other node: copies of nodes no longer in the set have been dropped).
+fn held_by_replica_sets(c: &LocalCluster, count: usize, exactly: bool) -> Result<(), String> {
     for i in 0..count {
         let mut holders: Vec<NodeId> = c
             .live()
@@ -66,13 +67,21 @@ fn back_to_k_copies(c: &LocalCluster, count: usize) -> Result<(), String> {
         let mut want = replica_set(c, &key(i));
         holders.sort();
         want.sort();
-        // Nodes that have left a replica set may keep a stale extra copy; what
-        // matters is that every member of the new set holds one.
-        if !want.iter().all(|w| holders.contains(w)) {
+        let ok = if exactly {
+            holders == want
+        } else {
+            want.iter().all(|w| holders.contains(w))
+        };
+        if !ok {
             return Err(format!("{}: held by {holders:?}, want {want:?}", key(i)));
         }
     }
     Ok(())
+}
+
+/// Every key is held by exactly its replica set.
+fn back_to_k_copies(c: &LocalCluster, count: usize) -> Result<(), String> {
+    held_by_replica_sets(c, count, true)
 }
 
 fn wait_for(what: &str, mut check: impl FnMut() -> Result<(), String>) {
@@ -119,10 +128,92 @@ fn joining_nodes_take_over_their_keys() {
     c.wait_for_ideal_leaf_sets(DEADLINE);
     // Readable at once (a new root that lacks a key asks its replica set)...
     all_readable_everywhere(&c, count).unwrap();
-    // ...and soon held by the new replica sets themselves.
+    // ...and soon held by the new replica sets themselves, and by nobody else:
+    // the nodes pushed out of a set hand their copy over and drop it.
     wait_for("new replica sets holding their keys", || {
+        held_by_replica_sets(&c, count, false)
+    });
+    wait_for("copies dropped by nodes no longer in the set", || {
         back_to_k_copies(&c, count)
     });
+    let dropped: u64 = c
+        .live()
+        .into_iter()
+        .map(|i| {
+            rpc(c.addr(i), &json!({"type": "stats"}))["copies_dropped"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    assert!(dropped > 0, "no node reports a dropped copy");
+}
+
+/// A copy lost without any change of membership (a push that never arrived) is
+/// restored by anti-entropy: the replicas compare digests and send what differs.
+#[test]
+fn anti_entropy_restores_a_lost_copy() {
+    let c = LocalCluster::new(12);
+    c.wait_for_ideal_leaf_sets(DEADLINE);
+    let count = 20;
+    put_keys(&c, count);
+    wait_for("every key at k copies", || back_to_k_copies(&c, count));
+    // Past every node's first replication round (which, with no earlier leaf
+    // set to compare with, pushes everything).
+    let ticked = |n: u64| c.live().into_iter().all(|i| c.node(i).node().ticks() >= n);
+    let now = c
+        .live()
+        .into_iter()
+        .map(|i| c.node(i).node().ticks())
+        .max()
+        .unwrap();
+    assert!(wait_until(DEADLINE, || ticked(now.max(3))));
+    // Two replicas lose their copy of key 0, one of key 1 only: no leaf set
+    // changes, so only anti-entropy can bring them back.
+    let lose = |i: usize, member: usize| {
+        let holder = c.index_of(&replica_set(&c, &key(i))[member]).unwrap();
+        let e = c.node(holder).node().store_entry(&key(i)).unwrap();
+        assert!(c.node(holder).node().drop_copy(&key(i), e.version));
+    };
+    lose(0, 1);
+    lose(0, 2);
+    lose(1, 0);
+    assert!(back_to_k_copies(&c, count).is_err());
+    wait_for("lost copies restored", || back_to_k_copies(&c, count));
+}
+
+/// A tombstone expires once its lifetime has passed, on every replica, and the
+/// deleted value does not come back.
+#[test]
+fn tombstones_expire_and_the_value_stays_deleted() {
+    let config = pastry::pastry_node::Config {
+        tombstone_ttl: Duration::from_millis(300),
+        ..test_config()
+    };
+    let c = LocalCluster::with(8, config, Bootstrap::Random(3));
+    c.wait_for_ideal_leaf_sets(DEADLINE);
+    put_keys(&c, 2);
+    let r = rpc(c.addr(0), &json!({"type": "delete", "key": key(0)}));
+    assert_eq!(r["type"], "deleted", "{r}");
+    let tombstones = || -> usize {
+        c.live()
+            .into_iter()
+            .map(|i| c.node(i).node().tombstone_count())
+            .sum()
+    };
+    assert_eq!(tombstones(), K, "one tombstone per replica");
+    wait_for("tombstones expired", || match tombstones() {
+        0 => Ok(()),
+        n => Err(format!("{n} tombstones left")),
+    });
+    // Several anti-entropy rounds later the value is still gone everywhere, and
+    // the other key is untouched.
+    std::thread::sleep(c.config.tick * (2 * c.config.replication_period_ticks as u32));
+    for i in c.live() {
+        let r = rpc(c.addr(i), &json!({"type": "get", "key": key(0)}));
+        assert_eq!(r["type"], "not_found", "from node {i}: {r}");
+        let r = rpc(c.addr(i), &json!({"type": "get", "key": key(1)}));
+        assert_eq!(r["type"], "value", "from node {i}: {r}");
+    }
 }
 
 #[test]
@@ -204,7 +295,7 @@ fn a_leaf_set_change_alone_moves_keys_to_new_replicas() {
         .count();
     assert!(changed > 0, "the joins changed some replica sets");
     wait_for("new replica sets holding their keys", || {
-        back_to_k_copies(&c, count)
+        held_by_replica_sets(&c, count, false)
     });
 }
 

@@ -30,7 +30,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::join::{announce, announce_within};
 use super::transport::Transport;
-use super::{KeyEntry, Node, ReplicationRound};
+use super::{KeyEntry, Node, ReplicationDue, ReplicationRound};
 use crate::message_handler::{Reply, Request};
 use crate::utils::NodeInfo;
 
@@ -87,10 +87,12 @@ pub fn handle_event(node: &Node, event: Event, transport: &dyn Transport) -> boo
             announce_within(node, transport, node.leaf_set_members(), lease(node));
             // Replication: when the leaf set has changed, some replica sets have
             // too (a newcomer became root or replica of some of our keys, or a
-            // holder died): push our copies to every other member. Now and then
-            // anyway, as the safety net.
-            if let Some(round) = node.replication_due(tick) {
-                push_replicas(node, transport, &round);
+            // holder died): push our copies to the members new to their sets.
+            // Now and then, anti-entropy with every member, as the safety net.
+            match node.replication_due(tick) {
+                Some(ReplicationDue::AntiEntropy) => anti_entropy(node, transport),
+                Some(ReplicationDue::Push(round)) => push_replicas(node, transport, &round),
+                None => {}
             }
             // Routing-table upkeep, one row per tick: measure every entry of the
             // row again (finding the dead, keeping proximities current), and
@@ -148,6 +150,76 @@ fn push_replicas(node: &Node, transport: &dyn Transport, round: &ReplicationRoun
     }
 }
 
+/// The periodic safety net (see [`super::anti_entropy`]):
+/// 1. with each leaf-set member, compare digests of the copies both should
+///    hold, and send the copies in the buckets that differ;
+/// 2. hand each copy we hold but no longer should (nodes joined between us and
+///    its key) to its replica set, and drop it once every member has taken it;
+/// 3. drop tombstones older than their lifetime.
+fn anti_entropy(node: &Node, transport: &dyn Transport) {
+    let me = node.own();
+    let mut sent = 0;
+    for peer in node.leaf_set_members() {
+        if node.is_stopping() {
+            return;
+        }
+        let digest = node.digest_for(&peer.node_id, None);
+        let buckets = digest.buckets.len();
+        let request = Request::Digest {
+            node: me,
+            buckets: digest.buckets,
+        };
+        match transport.call(&peer, &request) {
+            Ok(Reply::DigestDiff { differing }) if !differing.is_empty() => {
+                let entries = node.shared_entries(&peer.node_id, buckets, &differing);
+                sent += entries.len();
+                for chunk in batches(entries) {
+                    send_batch(node, transport, peer, chunk);
+                }
+            }
+            Ok(_) => {}
+            Err(_) => node.suspect(peer),
+        }
+    }
+    if sent > 0 {
+        log::info!("anti-entropy: sent {sent} copies whose digests differed");
+    }
+
+    // Copies we no longer need: grouped by receiver, then each dropped only if
+    // every member of its replica set took the batch that carried it.
+    let stale = node.stale_copies();
+    if stale.is_empty() {
+        node.expire_tombstones();
+        return;
+    }
+    let mut per_peer: std::collections::HashMap<NodeInfo, Vec<KeyEntry>> = Default::default();
+    for (entry, set) in &stale {
+        for peer in set {
+            per_peer.entry(*peer).or_default().push(entry.clone());
+        }
+    }
+    let mut failed: std::collections::HashSet<NodeInfo> = Default::default();
+    for (peer, entries) in per_peer {
+        for chunk in batches(entries) {
+            if node.is_stopping() {
+                return;
+            }
+            if !send_batch_ok(node, transport, peer, chunk) {
+                failed.insert(peer);
+            }
+        }
+    }
+    let dropped = stale
+        .iter()
+        .filter(|(_, set)| !set.iter().any(|p| failed.contains(p)))
+        .filter(|(e, _)| node.drop_copy(&e.key, e.entry.version))
+        .count();
+    if dropped > 0 {
+        log::info!("dropped {dropped} copies now held by their replica sets");
+    }
+    node.expire_tombstones();
+}
+
 /// A leaving node's hand-off: every key it holds goes to the nodes that hold it
 /// once it has gone. Returns how many copies were taken.
 pub fn hand_off(node: &Node, transport: &dyn Transport) -> usize {
@@ -190,6 +262,26 @@ fn send_batch(
     peer: NodeInfo,
     entries: Vec<KeyEntry>,
 ) -> usize {
+    send(node, transport, peer, entries).unwrap_or(0)
+}
+
+/// Sends one batch of copies; returns whether the peer answered that it has
+/// them (each taken, or a copy at least as new held already).
+fn send_batch_ok(
+    node: &Node,
+    transport: &dyn Transport,
+    peer: NodeInfo,
+    entries: Vec<KeyEntry>,
+) -> bool {
+    send(node, transport, peer, entries).is_some()
+}
+
+fn send(
+    node: &Node,
+    transport: &dyn Transport,
+    peer: NodeInfo,
+    entries: Vec<KeyEntry>,
+) -> Option<usize> {
     let count = entries.len();
     match transport.call(&peer, &Request::Replicate { entries }) {
         Ok(Reply::Replicated { applied }) => {
@@ -198,12 +290,12 @@ fn send_batch(
                 "{applied} of {count} copies taken by {}",
                 peer.node_id.short()
             );
-            applied
+            Some(applied)
         }
-        Ok(_) => 0,
+        Ok(_) => None,
         Err(_) => {
             node.suspect(peer);
-            0
+            None
         }
     }
 }

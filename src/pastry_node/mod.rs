@@ -13,6 +13,7 @@
 //!   leaf sets, fed by a crossbeam channel.
 //! - [`RunningNode`]: all of the above started together, and stopped on drop.
 
+pub mod anti_entropy;
 pub mod join;
 pub mod leaf_set;
 pub mod leases;
@@ -66,10 +67,16 @@ pub struct Config {
     /// A connection that sends nothing for this long, between lines or in the
     /// middle of one, is closed.
     pub client_timeout: Duration,
-    /// Every this many ticks a node pushes all its keys to their replica sets even
-    /// if its leaf set has not changed: anti-entropy, the safety net for a lost
-    /// push.
+    /// Every this many ticks a node runs anti-entropy with its leaf set even if
+    /// the leaf set has not changed: digests compared, what differs sent, copies
+    /// it no longer needs handed over and dropped, old tombstones expired. The
+    /// safety net for a lost push.
     pub replication_period_ticks: u64,
+    /// A tombstone is dropped this long after its delete: long enough for every
+    /// replica to have had it (anti-entropy runs every few seconds), and for any
+    /// node cut off from the network meanwhile to have been declared dead (a node
+    /// cut off for longer could bring a deleted value back).
+    pub tombstone_ttl: Duration,
     /// k: how many nodes hold each key (the root and its k - 1 nearest leaf-set
     /// neighbours); at most |L|/2 + 1.
     pub replicas: usize,
@@ -89,6 +96,7 @@ impl Default for Config {
             client_timeout: Duration::from_secs(60),
             replicas: 3,
             replication_period_ticks: 10,
+            tombstone_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -106,6 +114,9 @@ struct Stats {
     peers_failed: AtomicU64,
     /// Copies other nodes took from our replication pushes.
     keys_replicated: AtomicU64,
+    /// Copies dropped because their replica set, which no longer includes us,
+    /// holds them.
+    copies_dropped: AtomicU64,
 }
 
 struct Shared {
@@ -145,12 +156,9 @@ pub struct KeyEntry {
     pub entry: Versioned,
 }
 
-/// Which copies a replication round sends.
+/// Which copies a replication round pushes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReplicationRound {
-    /// Every key to every other member of its replica set: the periodic safety
-    /// net for a lost push.
-    Full,
     /// After a leaf-set change, with the leaf set as it was: each key only to the
     /// members that were not in its replica set before (a newcomer, or the node
     /// that moved up when a holder died).
@@ -158,6 +166,24 @@ pub enum ReplicationRound {
     /// We are leaving: every key to the k nodes of our leaf set closest to it,
     /// its replica set once we have gone.
     Leaving,
+}
+
+/// What replication work a tick has to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplicationDue {
+    /// The periodic safety net: anti-entropy with every leaf-set member
+    /// (`maintenance::anti_entropy`).
+    AntiEntropy,
+    /// A push of copies.
+    Push(ReplicationRound),
+}
+
+/// Milliseconds since the Unix epoch: the versions of writes, and the age of
+/// tombstones.
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The `k` of `nodes` numerically closest to `key_id`, closest first.
@@ -591,15 +617,23 @@ impl Node {
     /// The root's write of `key` (a delete when `value` is `None`), versioned by
     /// the wall clock.
     pub fn store_write(&self, key: &str, value: Option<Value>) -> Versioned {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        self.store_mut().write(key, value, now_ms)
+        self.store_mut().write(key, value, wall_clock_ms())
     }
 
     /// Takes in a copy of `key` from another node if it is newer than ours.
     pub fn store_apply(&self, key: &str, entry: Versioned) -> bool {
+        // A tombstone past its lifetime has been dropped here, or soon will be:
+        // taking it back in would only start another round of expiry.
+        if entry.deleted && entry.version < self.tombstone_cutoff() {
+            return false;
+        }
         self.store_mut().apply(key, entry)
+    }
+
+    /// Tombstones with a version below this have outlived `tombstone_ttl`.
+    fn tombstone_cutoff(&self) -> u64 {
+        let ttl = self.shared.config.tombstone_ttl.as_millis() as u64;
+        wall_clock_ms().saturating_sub(ttl)
     }
 
     /// Our entry for `key`, tombstone included.
@@ -651,10 +685,6 @@ impl Node {
         for (key, key_id, entry) in keys {
             let (set, had_it) = match round {
                 ReplicationRound::Leaving => (k_closest(&key_id, leaf_set.clone(), k), Vec::new()),
-                // Also when we are no longer in the set ourselves: several nodes
-                // may have joined between us and the key, and then we may be the
-                // only ones left to pass it on.
-                ReplicationRound::Full => (k_closest(&key_id, with_us.clone(), k), Vec::new()),
                 ReplicationRound::Since(previous) => {
                     let mut before = previous.clone();
                     before.push(own);
@@ -678,10 +708,122 @@ impl Node {
         out
     }
 
-    /// Which replication round is due at this tick, if any: the periodic full
-    /// round, or, when the leaf set has changed since the last round (a node
-    /// joined or died near us), the round for that change.
-    pub(crate) fn replication_due(&self, tick: u64) -> Option<ReplicationRound> {
+    /// The keys that both we and `peer` should hold (both are in the key's
+    /// replica set as we see it), as an anti-entropy digest of `buckets` buckets,
+    /// or, if `None`, of as many as suit their number.
+    pub fn digest_for(&self, peer: &NodeId, buckets: Option<usize>) -> anti_entropy::Digest {
+        let mut shared = Vec::new();
+        self.for_each_shared(peer, |r| shared.push((r.key_id, r.version, r.deleted)));
+        let buckets = buckets.unwrap_or_else(|| anti_entropy::bucket_count(shared.len()));
+        let mut digest = anti_entropy::Digest::new(buckets);
+        for (key_id, version, deleted) in shared {
+            digest.add(&key_id, version, deleted);
+        }
+        digest
+    }
+
+    /// The copies both we and `peer` should hold that fall in the `differing`
+    /// buckets of a digest of `buckets` buckets: what anti-entropy sends.
+    pub fn shared_entries(
+        &self,
+        peer: &NodeId,
+        buckets: usize,
+        differing: &[u32],
+    ) -> Vec<KeyEntry> {
+        let wanted: std::collections::HashSet<u32> = differing.iter().copied().collect();
+        let mut out = Vec::new();
+        self.for_each_shared(peer, |r| {
+            if wanted.contains(&(anti_entropy::bucket_of(&r.key_id, buckets) as u32)) {
+                out.push(KeyEntry {
+                    key: r.key.to_string(),
+                    entry: r.versioned(),
+                });
+            }
+        });
+        out
+    }
+
+    /// Calls `f` on each copy we hold whose replica set, as we see it, holds
+    /// both us and `peer` (under the store's read lock: `f` must be quick).
+    fn for_each_shared(&self, peer: &NodeId, mut f: impl FnMut(&store::Record<'_>)) {
+        let own = self.shared.own;
+        let k = self.replicas();
+        let mut with_us = self.leaf_set_members();
+        if !with_us.iter().any(|n| n.node_id == *peer) {
+            return;
+        }
+        with_us.push(own);
+        // Expired tombstones are left out: one side may have dropped its copy
+        // already, and they must not make the digests differ.
+        let cutoff = self.tombstone_cutoff();
+        let store = self.store();
+        for r in store.iter().filter(|r| !(r.deleted && r.version < cutoff)) {
+            let set = k_closest(&r.key_id, with_us.clone(), k);
+            if set.contains(&own) && set.iter().any(|n| n.node_id == *peer) {
+                f(&r);
+            }
+        }
+    }
+
+    /// The copies we hold whose replica set, as we see it, does not include us
+    /// (nodes have joined between us and the key), each with that replica set:
+    /// once they all hold it, our copy can go.
+    pub fn stale_copies(&self) -> Vec<(KeyEntry, Vec<NodeInfo>)> {
+        let own = self.shared.own;
+        let k = self.replicas();
+        let mut with_us = self.leaf_set_members();
+        if with_us.is_empty() {
+            return Vec::new();
+        }
+        with_us.push(own);
+        let store = self.store();
+        store
+            .iter()
+            .filter_map(|r| {
+                let set = k_closest(&r.key_id, with_us.clone(), k);
+                (!set.contains(&own)).then(|| {
+                    (
+                        KeyEntry {
+                            key: r.key.to_string(),
+                            entry: r.versioned(),
+                        },
+                        set,
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Drops our copy of `key` if it is still at `version`.
+    pub fn drop_copy(&self, key: &str, version: u64) -> bool {
+        let dropped = self.store_mut().remove_version(key, version);
+        if dropped {
+            self.shared
+                .stats
+                .copies_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        dropped
+    }
+
+    /// Tombstones held (deleted keys whose tombstone has not expired yet).
+    pub fn tombstone_count(&self) -> usize {
+        self.store().tombstones()
+    }
+
+    /// Drops the tombstones older than the tombstone lifetime; returns how many.
+    pub fn expire_tombstones(&self) -> usize {
+        if self.store().tombstones() == 0 {
+            return 0;
+        }
+        let cutoff = self.tombstone_cutoff();
+        self.store_mut().remove_tombstones_before(cutoff)
+    }
+
+    /// Which replication work is due at this tick, if any: the periodic
+    /// anti-entropy, or, when the leaf set has changed since the last round (a
+    /// node joined or died near us), the push for that change.
+    pub(crate) fn replication_due(&self, tick: u64) -> Option<ReplicationDue> {
         let now = self.leaf_set_members();
         let mut last = self
             .shared
@@ -689,13 +831,14 @@ impl Node {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let previous = std::mem::replace(&mut *last, now.clone());
-        // The first full round comes a whole period after the start: a new node
-        // has nothing to push, and an old one pushed when its leaf set changed.
+        // The first anti-entropy comes a whole period after the start: a new
+        // node has nothing to compare, and an old one pushed when its leaf set
+        // changed.
         let period = self.shared.config.replication_period_ticks.max(1);
         if tick % period == period - 1 {
-            Some(ReplicationRound::Full)
+            Some(ReplicationDue::AntiEntropy)
         } else if previous != now {
-            Some(ReplicationRound::Since(previous))
+            Some(ReplicationDue::Push(ReplicationRound::Since(previous)))
         } else {
             None
         }
@@ -820,6 +963,8 @@ impl Node {
             connections_open: s.connections_open.load(Ordering::Relaxed),
             peers_failed: s.peers_failed.load(Ordering::Relaxed),
             keys_replicated: s.keys_replicated.load(Ordering::Relaxed),
+            tombstones: self.tombstone_count(),
+            copies_dropped: s.copies_dropped.load(Ordering::Relaxed),
             uptime_ms: self.shared.started.elapsed().as_millis() as u64,
         }
     }

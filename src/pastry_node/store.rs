@@ -422,6 +422,35 @@ impl Store {
             .flat_map(|(id, slot)| slot.records(*id).map(|(_, r)| r))
     }
 
+    /// Drops our copy of `key` if it is still at `version` (a copy this node no
+    /// longer needs, now held by the nodes that should). A newer copy that
+    /// arrived meanwhile is kept. Returns whether it was dropped.
+    pub fn remove_version(&mut self, key: &str, version: u64) -> bool {
+        let key_id = NodeId::for_key(key);
+        let Some(slot) = self.slots.get_mut(&key_id) else {
+            return false;
+        };
+        let Some((range, r)) = slot.find(key_id, key) else {
+            return false;
+        };
+        if r.version != version {
+            return false;
+        }
+        let (live, bytes) = (!r.deleted, r.bytes());
+        let mut kept = Vec::with_capacity(slot.0.len() - range.len());
+        kept.extend_from_slice(&slot.0[..range.start]);
+        kept.extend_from_slice(&slot.0[range.end..]);
+        if kept.is_empty() {
+            self.slots.remove(&key_id);
+        } else {
+            *slot = Slot(kept.into_boxed_slice());
+        }
+        self.records -= 1;
+        self.live -= usize::from(live);
+        self.bytes -= bytes;
+        true
+    }
+
     /// Drops the tombstones whose version is below `version` (for a tombstone
     /// the root wrote, the time of the delete in milliseconds); returns how many.
     /// Once every replica has had the tombstone for longer than a copy can be
@@ -461,6 +490,26 @@ impl Store {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    impl Store {
+        fn delete_for_test(&mut self, key: &str, now_ms: u64) {
+            self.write(key, None, now_ms);
+        }
+    }
+
+    #[test]
+    fn a_copy_is_dropped_only_at_the_version_it_was_handed_over() {
+        let mut s = Store::new();
+        s.write("a", Some(json!(1)), 10);
+        s.write("b", Some(json!(2)), 10);
+        assert!(!s.remove_version("a", 9), "a newer copy is kept");
+        assert!(!s.remove_version("zz", 10), "no such key");
+        assert!(s.remove_version("a", 10));
+        assert_eq!((s.get("a"), s.len(), s.bytes()), (None, 1, 2));
+        s.delete_for_test("b", 11);
+        assert!(s.remove_version("b", 11));
+        assert_eq!((s.len(), s.tombstones(), s.bytes()), (0, 0, 0));
+    }
 
     #[test]
     fn writes_get_growing_versions_and_deletes_leave_tombstones() {

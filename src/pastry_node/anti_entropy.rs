@@ -1,0 +1,139 @@
+//! Anti-entropy digests: how two replicas find out, cheaply, whether they hold
+//! the same copies.
+//!
+//! Pushes after every write and every leaf-set change keep replicas in step; a
+//! push can still be lost (a peer busy past its timeout, a node that died
+//! mid-push). So now and then each node compares notes with each leaf-set
+//! member: it splits the keys that both of them should hold into buckets by key
+//! id and sends one 64-bit hash per bucket, a *digest*. The member computes the
+//! same over its own copies and answers with the buckets that differ; only the
+//! copies in those buckets are sent. When nothing differs, a whole exchange
+//! costs one small message each way, whatever the number of keys. (Dynamo and
+//! Cassandra use Merkle trees for the same purpose; one level of buckets is
+//! enough at the sizes a leaf set shares.)
+//!
+//! Both sides must bucket and hash identically, so the hash is a fixed function
+//! (SplitMix64's finalizer), never the standard library's randomly seeded one.
+//! A bucket's hash is the wrapping sum of its entries' hashes: independent of
+//! order, so it can be accumulated in one pass over the store.
+//!
+//! Pure: no sockets, locks, clocks or logging.
+
+use crate::utils::NodeId;
+
+/// About this many shared keys per bucket: a differing bucket costs sending
+/// this many copies, most of them already there.
+pub const KEYS_PER_BUCKET: usize = 32;
+
+/// Most buckets in one digest, so that a digest line stays well under the line
+/// limit (each bucket is a number of up to 20 digits).
+pub const MAX_BUCKETS: usize = 16_384;
+
+/// How many buckets to use for `shared` keys.
+pub fn bucket_count(shared: usize) -> usize {
+    (shared / KEYS_PER_BUCKET).clamp(1, MAX_BUCKETS)
+}
+
+/// The bucket of `key_id` among `buckets`.
+pub fn bucket_of(key_id: &NodeId, buckets: usize) -> usize {
+    let mut prefix = [0u8; 8];
+    prefix.copy_from_slice(&key_id.0[..8]);
+    (u64::from_be_bytes(prefix) % buckets.max(1) as u64) as usize
+}
+
+/// SplitMix64's finalizer: a fixed, well-mixing 64-bit hash step.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The hash of one copy: its key id, version and whether it is a tombstone.
+pub fn entry_hash(key_id: &NodeId, version: u64, deleted: bool) -> u64 {
+    let mut h = mix(version ^ u64::from(deleted) << 63);
+    for chunk in key_id.0.chunks(8) {
+        let mut word = [0u8; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        h = mix(h ^ u64::from_le_bytes(word));
+    }
+    h
+}
+
+/// A digest being accumulated: one hash per bucket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Digest {
+    pub buckets: Vec<u64>,
+}
+
+impl Digest {
+    pub fn new(buckets: usize) -> Digest {
+        Digest {
+            buckets: vec![0; buckets.max(1)],
+        }
+    }
+
+    pub fn add(&mut self, key_id: &NodeId, version: u64, deleted: bool) {
+        let b = bucket_of(key_id, self.buckets.len());
+        self.buckets[b] = self.buckets[b].wrapping_add(entry_hash(key_id, version, deleted));
+    }
+
+    /// The buckets in which `other` differs from us (both must have as many).
+    pub fn differing(&self, other: &[u64]) -> Vec<u32> {
+        self.buckets
+            .iter()
+            .zip(other)
+            .enumerate()
+            .filter(|(_, (a, b))| a != b)
+            .map(|(i, _)| i as u32)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Copies as (key, version, tombstone).
+    type Copies<'a> = &'a [(&'a str, u64, bool)];
+
+    fn digest(entries: Copies<'_>, buckets: usize) -> Digest {
+        let mut d = Digest::new(buckets);
+        for (k, v, del) in entries {
+            d.add(&NodeId::for_key(k), *v, *del);
+        }
+        d
+    }
+
+    #[test]
+    fn equal_copies_give_equal_digests_in_any_order() {
+        let a = digest(&[("a", 1, false), ("b", 2, false), ("c", 3, true)], 4);
+        let b = digest(&[("c", 3, true), ("a", 1, false), ("b", 2, false)], 4);
+        assert!(a.differing(&b.buckets).is_empty());
+    }
+
+    #[test]
+    fn a_missing_newer_or_deleted_copy_shows_in_its_bucket_only() {
+        let base = [("a", 1, false), ("b", 2, false), ("c", 3, false)];
+        let full = digest(&base, 64);
+        let bucket = |k: &str| bucket_of(&NodeId::for_key(k), 64) as u32;
+        let cases: [(Copies<'_>, &str); 3] = [
+            (&[("a", 1, false), ("b", 2, false)], "c"),
+            (&[("a", 1, false), ("b", 9, false), ("c", 3, false)], "b"),
+            (&[("a", 1, true), ("b", 2, false), ("c", 3, false)], "a"),
+        ];
+        for (other, key) in cases {
+            assert_eq!(
+                full.differing(&digest(other, 64).buckets),
+                vec![bucket(key)],
+                "{key}"
+            );
+        }
+    }
+
+    #[test]
+    fn bucket_count_grows_with_the_keys_within_bounds() {
+        assert_eq!(bucket_count(0), 1);
+        assert_eq!(bucket_count(10 * KEYS_PER_BUCKET), 10);
+        assert_eq!(bucket_count(usize::MAX), MAX_BUCKETS);
+    }
+}

@@ -300,6 +300,9 @@ pub enum Reply {
         peers_failed: u64,
         /// Copies of keys other nodes took from our replication pushes.
         keys_replicated: u64,
+        /// Events waiting for the maintenance thread (probes, suspected peers):
+        /// a queue that stays long means maintenance cannot keep up.
+        maintenance_queue: usize,
         uptime_ms: u64,
     },
     /// The reply to `join`: what the nodes on the route contributed.

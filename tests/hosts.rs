@@ -208,8 +208,10 @@ fn sweep_leftovers() {
         {
             netns::kill_pid(p);
         }
-        let _ = ip(&["netns", "del", name]);
-        eprintln!("hosts: deleted namespace {name}, left by an earlier run");
+        match ip(&["netns", "del", name]) {
+            Ok(()) => eprintln!("hosts: deleted namespace {name}, left by an earlier run"),
+            Err(e) => eprintln!("hosts: cannot delete {name}, left by an earlier run: {e}"),
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use pastry::pastry_node::{Config, RunningNode};
 
-const USAGE: &str = "usage: pastry-node <ip> <port> [<bootstrap-ip> <bootstrap-port>] [--leaf-set N] [--replicas K] [--tick-ms MS] [--log-level LEVEL]";
+const USAGE: &str = "usage: pastry-node <ip> <port> [<bootstrap-ip> <bootstrap-port>] [--leaf-set N] [--replicas K] [--tick-ms MS] [--timeout-ms MS] [--log-level LEVEL]";
 
 const HELP: &str = "\
 pastry-node: one node of a Pastry distributed hash table.
@@ -33,6 +33,9 @@ OPTIONS:
     --heartbeat-ms MS  how often leaf sets are exchanged with neighbours, the
                        heartbeat (default 1000); a neighbour silent for 3
                        heartbeats is probed, and declared dead if it stays silent
+    --timeout-ms MS    longest wait for another node's reply (default 5000); a
+                       silent peer is found dead only after it, so on a fast
+                       network a shorter one finds failures sooner
     --log-level LEVEL  off, error, warn, info, debug or trace (default info; or set
                        the PASTRY_LOG environment variable)
     -h, --help         this help
@@ -51,6 +54,7 @@ struct Options {
     leaf_set: usize,
     replicas: usize,
     tick_ms: u64,
+    timeout_ms: u64,
     log_level: log::LevelFilter,
 }
 
@@ -80,6 +84,9 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
     let mut leaf_set = pastry::utils::LEAF_SET_SIZE;
     let mut replicas = 3;
     let mut tick_ms = 1000;
+    let mut timeout_ms = pastry::pastry_node::Config::default()
+        .call_timeout
+        .as_millis() as u64;
     let mut log_level = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -114,6 +121,12 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
                     v.parse().ok().filter(|n: &u64| *n >= 10).ok_or_else(|| {
                         format!("{arg} {v:?}: expected milliseconds, at least 10")
                     })?;
+            }
+            "--timeout-ms" => {
+                let v = value("--timeout-ms")?;
+                timeout_ms = v.parse().ok().filter(|n: &u64| *n >= 10).ok_or_else(|| {
+                    format!("--timeout-ms {v:?}: expected milliseconds, at least 10")
+                })?;
             }
             "--log-level" => log_level = Some(parse_level(&value("--log-level")?)?),
             s if s.starts_with('-') && s.len() > 1 => return Err(format!("unknown option {s}")),
@@ -168,6 +181,7 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
         leaf_set,
         replicas,
         tick_ms,
+        timeout_ms,
         log_level,
     }))
 }
@@ -194,6 +208,7 @@ fn run(opts: Options) -> Result<ExitCode, String> {
         leaf_set_size: opts.leaf_set,
         replicas: opts.replicas,
         tick: Duration::from_millis(opts.tick_ms),
+        call_timeout: Duration::from_millis(opts.timeout_ms),
         ..Config::default()
     };
     let mut node = RunningNode::start(listener, config)

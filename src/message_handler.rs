@@ -315,6 +315,9 @@ pub enum Reply {
         tombstones: usize,
         /// Copies dropped because the nodes that should hold them do.
         copies_dropped: u64,
+        /// Events waiting for the maintenance thread (probes, suspected peers):
+        /// a queue that stays long means maintenance cannot keep up.
+        maintenance_queue: usize,
         uptime_ms: u64,
     },
     /// The reply to `join`: what the nodes on the route contributed.

@@ -548,6 +548,8 @@ fn status_stats_and_help_have_the_documented_fields() {
         "keys",
         "connections_open",
         "peers_failed",
+        "keys_replicated",
+        "maintenance_queue",
         "uptime_ms",
     ];
     let mut conn = Raw::connect(addr);

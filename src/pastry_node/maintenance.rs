@@ -16,7 +16,11 @@
 //!   heartbeats, see [`super::leases`]) is probed first. Heartbeats and probes wait
 //!   no longer than a lease, so a peer that takes connections and never answers
 //!   is found out within a few heartbeats, not after a call's long timeout.
-//!   Then, when due, replication and one routing-table row's upkeep.
+//!   Also each tick: replication when the leaf set changed (anti-entropy every
+//!   few ticks), the re-measurement of one routing-table row and of one
+//!   neighborhood-set member, and every few ticks one node declared dead lately
+//!   tried again, which is how the two sides of a network partition find each
+//!   other once it ends (see [`retry_departed`]).
 //!
 //! Deviation: MSPastry sends heartbeats one way, to the left neighbour only, and
 //! probes on a lapsed lease; here every exchange is a request and its reply, so
@@ -120,6 +124,23 @@ pub fn handle_event(node: &Node, event: Event, transport: &dyn Transport) -> boo
                     announce(node, transport, vec![pick]);
                 }
             }
+            // The neighborhood set: the paper has a node check its members
+            // periodically. One member per tick, in turn; the round trip also
+            // keeps its proximity current. (Nothing else ever contacts a member
+            // that is in neither L nor R, so without this a dead one stays.)
+            let m = node.neighborhood_members();
+            if !m.is_empty() && !node.is_stopping() {
+                let peer = m[tick as usize % m.len()];
+                match transport.proximity_within(&peer, lease(node)) {
+                    Ok(p) => {
+                        node.learn(peer, Some(p));
+                    }
+                    Err(_) => declare_dead(node, peer, transport),
+                }
+            }
+            if tick % RETRY_DEPARTED_TICKS == RETRY_DEPARTED_TICKS - 1 && !node.is_stopping() {
+                retry_departed(node, transport, tick);
+            }
         }
         Event::Shutdown => return false,
     }
@@ -131,6 +152,49 @@ fn lease(node: &Node) -> std::time::Duration {
     let c = node.config();
     c.tick
         .saturating_mul(c.lease_ticks.clamp(1, u32::MAX as u64) as u32)
+}
+
+/// Every this many ticks, one node declared dead lately is tried again.
+const RETRY_DEPARTED_TICKS: u64 = 10;
+
+/// A node declared dead is tried again for this many ticks after its death
+/// (an hour at the default tick of 1 s); after that it is forgotten for good.
+pub const DEPARTED_KEPT_TICKS: u64 = 3600;
+
+/// Partition healing: tries one node declared dead lately (the one tried least
+/// recently) again. If it answers, the network was partitioned rather than the
+/// node dead: we take it back and announce ourselves to it, and the leaf sets
+/// the two exchange bring each side the other's nodes, whose own leaf-set
+/// exchanges then merge the two rings.
+///
+/// Why it is needed: when a link fails, the nodes on each side declare the
+/// other side's nodes dead and forget them everywhere, leaf set, routing table
+/// and neighborhood set alike, as the paper has it. Once that is done, no node
+/// on either side knows anyone on the other, and nothing in the paper's
+/// protocol makes them meet again when the link returns: the two halves would
+/// stay two networks for ever, each the root of every key in its own eyes. The
+/// paper does not treat partitions; FreePastry has a "partition handler" that
+/// likewise pings nodes it has lost and its bootstrap nodes. Deviation: this
+/// remembers at most |L| dead nodes for [`DEPARTED_KEPT_TICKS`], so a
+/// partition that lasts longer, or in which more than |L| nodes died after the
+/// other side's, is not healed without restarting a node with a bootstrap on
+/// the other side.
+fn retry_departed(node: &Node, transport: &dyn Transport, tick: u64) {
+    let Some((peer, since)) = node.next_departed(tick.saturating_sub(DEPARTED_KEPT_TICKS)) else {
+        return;
+    };
+    match transport.proximity_within(&peer, lease(node)) {
+        Ok(p) => {
+            log::info!(
+                "peer {} at {}, declared dead earlier, answers again: taking it back",
+                peer.node_id.short(),
+                peer.addr
+            );
+            node.learn(peer, Some(p));
+            announce(node, transport, vec![peer]);
+        }
+        Err(_) => node.remember_departed(peer, since),
+    }
 }
 
 /// Copies per `replicate` message, so that a batch stays well within the line
@@ -306,6 +370,7 @@ fn declare_dead(node: &Node, peer: NodeInfo, transport: &dyn Transport) {
         return;
     }
     node.count_peer_failed();
+    node.remember_departed(peer, node.ticks());
     log::warn!(
         "peer {} at {} failed; removed from our state",
         peer.node_id.short(),
@@ -339,7 +404,6 @@ pub fn spawn(
                 // not wait for a quiet moment.
                 let now = std::time::Instant::now();
                 let event = if now >= next_tick {
-                    next_tick = now + tick;
                     Event::Tick
                 } else {
                     match events.recv_timeout(next_tick - now) {
@@ -348,9 +412,22 @@ pub fn spawn(
                         Err(RecvTimeoutError::Disconnected) => return,
                     }
                 };
+                let is_tick = event == Event::Tick;
                 // Stopping takes priority over whatever is still queued.
                 if node.is_stopping() || !handle_event(&node, event, transport.as_ref()) {
                     return;
+                }
+                // The next tick comes a period after this one ended, and no sooner
+                // than this one took. A tick that waits on silent peers (a
+                // heartbeat to a dead leaf-set member lasts the whole call
+                // timeout) can take far longer than the period; counted from its
+                // start, the next tick would be due at once, every time, and the
+                // `Suspect` events the heartbeat queued would never be handled:
+                // dead peers would never be declared dead. This way events get at
+                // least as much of the thread's time as ticks do.
+                if is_tick {
+                    let took = now.elapsed();
+                    next_tick = std::time::Instant::now() + tick.max(took);
                 }
             }
         })

@@ -25,7 +25,7 @@ pub mod server;
 pub mod store;
 pub mod transport;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -145,6 +145,10 @@ struct Shared {
     activated: Condvar,
     /// The leaf set at the last replication round.
     last_replicated_leaf_set: Mutex<Vec<NodeInfo>>,
+    /// Nodes declared dead lately, with the tick of their death, least recently
+    /// tried first: tried again now and then, so that the two sides of a
+    /// partition find each other when it ends (`maintenance::retry_departed`).
+    departed: Mutex<VecDeque<(NodeInfo, u64)>>,
     started: Instant,
 }
 
@@ -243,6 +247,7 @@ impl Node {
                 activation: Mutex::new(()),
                 activated: Condvar::new(),
                 last_replicated_leaf_set: Mutex::new(Vec::new()),
+                departed: Mutex::new(VecDeque::new()),
                 started: Instant::now(),
             }),
         };
@@ -588,6 +593,37 @@ impl Node {
     /// Counts a timer tick; returns how many came before it.
     pub(crate) fn next_tick(&self) -> u64 {
         self.shared.ticks.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Remembers `peer`, declared dead at tick `since`, to be tried again later
+    /// (last in line); only the |L| most recent are kept.
+    pub(crate) fn remember_departed(&self, peer: NodeInfo, since: u64) {
+        let mut d = self
+            .shared
+            .departed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        d.retain(|(n, _)| n.node_id != peer.node_id);
+        d.push_back((peer, since));
+        while d.len() > self.shared.config.leaf_set_size {
+            d.pop_front();
+        }
+    }
+
+    /// Takes the departed node to try next off the list: the least recently
+    /// tried that died after tick `after` and that we have not taken back since.
+    pub(crate) fn next_departed(&self, after: u64) -> Option<(NodeInfo, u64)> {
+        loop {
+            let next = self
+                .shared
+                .departed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front()?;
+            if next.1 >= after && !self.knows(&next.0.node_id) {
+                return Some(next);
+            }
+        }
     }
 
     /// The entries of routing-table row `row`.
@@ -965,6 +1001,7 @@ impl Node {
             keys_replicated: s.keys_replicated.load(Ordering::Relaxed),
             tombstones: self.tombstone_count(),
             copies_dropped: s.copies_dropped.load(Ordering::Relaxed),
+            maintenance_queue: self.shared.events.len(),
             uptime_ms: self.shared.started.elapsed().as_millis() as u64,
         }
     }

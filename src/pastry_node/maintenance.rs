@@ -166,7 +166,7 @@ fn send_batch(
 ) -> usize {
     let count = entries.len();
     match transport.call(&peer, &Request::Replicate { entries }) {
-        Ok(Reply::Replicated { applied }) => {
+        Ok(Reply::Replicated { applied, .. }) => {
             node.count_replicated(applied as u64);
             log::debug!(
                 "{applied} of {count} copies taken by {}",

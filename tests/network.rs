@@ -734,10 +734,16 @@ fn shutdown_does_not_wait_for_queued_probes() {
 
 /// A value too large to travel between nodes once wrapped is refused up front with
 /// -32602 (never stored where only its root can read it), and a large value that
-/// fits is stored through any node and readable from every node.
+/// fits is stored through any node and readable from every node. The value limit
+/// (64 KiB by default) is raised to the line limit here, so that the line limit
+/// is what refuses.
 #[test]
 fn large_values_are_refused_up_front_or_readable_everywhere() {
-    let c = LocalCluster::new(3);
+    let config = pastry::pastry_node::Config {
+        max_value_bytes: 1 << 20,
+        ..support::test_config()
+    };
+    let c = LocalCluster::with(3, config, support::Bootstrap::First);
     c.wait_for_ideal_leaf_sets(CONVERGE);
     let key = "nearly-a-mebibyte";
     let root = c.brute_force_root(&NodeId::for_key(key));

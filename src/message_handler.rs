@@ -23,9 +23,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::pastry_node::router::Route;
+use crate::pastry_node::store::json_len;
 use crate::pastry_node::store::Versioned;
 use crate::pastry_node::transport::Transport;
-use crate::pastry_node::store::json_len;
 use crate::pastry_node::{Config, KeyEntry, Node, StoreFull};
 use crate::utils::{NodeId, NodeInfo};
 
@@ -476,14 +476,12 @@ fn validate(request: &Request) -> Result<(), (i64, String)> {
         Request::Join { node } | Request::Announce { node, .. } => check_node(node),
         // The hop cap is a setting of the node (`Config::max_hops`): `route_op`
         // checks it.
-        Request::Forward { op, .. } => {
-            match op {
-                Op::Put { key, .. } | Op::Get { key } | Op::Delete { key } | Op::Route { key } => {
-                    check_key(key)
-                }
-                Op::Join { node } => check_node(node),
+        Request::Forward { op, .. } => match op {
+            Op::Put { key, .. } | Op::Get { key } | Op::Delete { key } | Op::Route { key } => {
+                check_key(key)
             }
-        }
+            Op::Join { node } => check_node(node),
+        },
         Request::Ping | Request::Help | Request::Status | Request::Stats => Ok(()),
     }
 }
@@ -959,7 +957,10 @@ fn help() -> Vec<CommandHelp> {
         c("help", &[], "This list."),
         c(
             "put",
-            &["key: non-empty string", "value: any JSON value"],
+            &[
+                "key: non-empty string, at most 1 KiB by default",
+                "value: any JSON value, at most 64 KiB as JSON by default",
+            ],
             "Store value under key on the key's root node (alias: store).",
         ),
         c(
@@ -1089,6 +1090,17 @@ mod tests {
         let text = String::from_utf8(line).unwrap();
         assert!(text.ends_with('\n'));
         assert_eq!(reply_id(&text), Some(serde_json::json!("abc")));
+    }
+
+    /// Found by `cargo fuzz`: without serde_json's `float_roundtrip`, a long
+    /// decimal was parsed one unit in the last place off, so a value changed
+    /// each time a node re-encoded it (at every hop, in every copy).
+    #[test]
+    fn numbers_survive_re_encoding() {
+        let line = br#"{"type":"put","key":"k","value":[3333333333333333333333333333333333333333333333333,3333333333333333333333333333333333333.3333333333,0.1,1e-300,2.2250738585072011e-308]}"#;
+        let first = decode(line).unwrap().request;
+        let again = serde_json::to_vec(&first).unwrap();
+        assert_eq!(decode(&again).unwrap().request, first);
     }
 
     #[test]

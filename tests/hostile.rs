@@ -124,11 +124,21 @@ fn oversize_keys_and_values_are_refused_on_every_path() {
         {"key": "fine-copy", "version": 1, "value": "fine"},
     ]}));
     assert_eq!(r["type"], "replicated", "{r}");
-    assert_eq!((r["applied"].as_u64(), r["refused"].as_u64()), (Some(1), Some(3)), "{r}");
+    assert_eq!(
+        (r["applied"].as_u64(), r["refused"].as_u64()),
+        (Some(1), Some(3)),
+        "{r}"
+    );
     conn.assert_usable();
 
     let n = node.node();
-    for key in [long_key.as_str(), "over", "deeper", "over-copy", "deep-copy"] {
+    for key in [
+        long_key.as_str(),
+        "over",
+        "deeper",
+        "over-copy",
+        "deep-copy",
+    ] {
         assert!(n.store_entry(key).is_none(), "{key:.20} was stored");
     }
     for key in [ok_key.as_str(), "exact", "deep", "fine-copy"] {
@@ -155,7 +165,8 @@ fn limits_follow_the_config() {
     assert!(message(&r).contains("at most 10"), "{r}");
     // Hop cap 3: a forward arriving after 3 hops is still delivered by its root
     // (this node, alone), one after 4 is refused.
-    let fwd = |hops: u64| json!({"type": "forward", "hops": hops, "op": {"type": "get", "key": "k"}});
+    let fwd =
+        |hops: u64| json!({"type": "forward", "hops": hops, "op": {"type": "get", "key": "k"}});
     let r = conn.request(&fwd(3));
     assert_eq!(r["type"], "not_found", "{r}");
     assert_eq!(r["hops"], 3, "{r}");
@@ -189,10 +200,19 @@ fn a_full_store_refuses_writes_and_keeps_serving() {
     let r = conn.request(&json!({"type": "delete", "key": "nowhere"}));
     assert_eq!(error_code(&r), STORE_FULL, "{r}");
     // A copy from a "replica" is refused and counted as such.
-    let r = conn.request(&json!({"type": "replicate", "entries": [{"key": "k9", "version": 1, "value": 9}]}));
-    assert_eq!((r["applied"].as_u64(), r["refused"].as_u64()), (Some(0), Some(1)), "{r}");
+    let r = conn.request(
+        &json!({"type": "replicate", "entries": [{"key": "k9", "version": 1, "value": 9}]}),
+    );
+    assert_eq!(
+        (r["applied"].as_u64(), r["refused"].as_u64()),
+        (Some(0), Some(1)),
+        "{r}"
+    );
     // Reads and non-growing writes go on.
-    assert_eq!(conn.request(&json!({"type": "get", "key": "k0"}))["value"], 0);
+    assert_eq!(
+        conn.request(&json!({"type": "get", "key": "k0"}))["value"],
+        0
+    );
     assert_eq!(conn.request(&put("k0", json!(7)))["type"], "put_ok");
     // The byte cap: k1 may grow to what is left of 200 bytes, not beyond.
     let big = "x".repeat(150);
@@ -202,7 +222,11 @@ fn a_full_store_refuses_writes_and_keeps_serving() {
     assert_eq!(error_code(&r), STORE_FULL, "{r}");
     // A delete of a held key always fits, and frees room for another key.
     let r = conn.request(&json!({"type": "delete", "key": "k1"}));
-    assert_eq!((r["type"].as_str(), r["existed"].as_bool()), (Some("deleted"), Some(true)), "{r}");
+    assert_eq!(
+        (r["type"].as_str(), r["existed"].as_bool()),
+        (Some("deleted"), Some(true)),
+        "{r}"
+    );
     assert_eq!(conn.request(&put("k2", json!(big)))["type"], "put_ok");
     assert_eq!(node.node().key_count(), 3, "k0, k2, k3 (k1 is a tombstone)");
     conn.assert_usable();
@@ -250,7 +274,10 @@ fn a_full_replica_is_not_counted_in_put_ok() {
         assert!(n.node().store_entry(&key).is_none());
     }
     // A small value fits everywhere and is counted everywhere.
-    let r = rpc(roomy.addr(), &json!({"type": "put", "key": key, "value": 1}));
+    let r = rpc(
+        roomy.addr(),
+        &json!({"type": "put", "key": key, "value": 1}),
+    );
     assert_eq!(r["replicas"], 3, "{r}");
 }
 
@@ -304,7 +331,11 @@ fn half_lines_time_out_before_idle_connections() {
                 break;
             }
             Ok(_) => panic!("a reply to a line that was never finished"),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => {
                 closed = true;
                 break;
@@ -449,7 +480,10 @@ fn forged_peers_never_enter_any_state() {
     let genuine_id = own.node_id.to_string();
     let upper = genuine_id.to_uppercase();
     let forged_entries = [
-        entry(&NodeId::for_key("made up").to_string(), &c.addr(1).to_string()),
+        entry(
+            &NodeId::for_key("made up").to_string(),
+            &c.addr(1).to_string(),
+        ),
         serde_json::to_value(dead).expect("json"),
         serde_json::to_value(impostor.info()).expect("json"),
         serde_json::to_value(mute.info()).expect("json"),
@@ -464,11 +498,31 @@ fn forged_peers_never_enter_any_state() {
         (forged_entries[2].clone(), BAD_NODE, "cannot verify"),
         (forged_entries[3].clone(), BAD_NODE, "cannot verify"),
         (forged_entries[4].clone(), BAD_NODE, "this node"),
-        (entry(&upper, &own.addr.to_string()), INVALID_PARAMS, "lowercase"),
-        (entry(&genuine_id[..39], &own.addr.to_string()), INVALID_PARAMS, "40"),
-        (entry(&format!("{genuine_id}0"), &own.addr.to_string()), INVALID_PARAMS, "40"),
-        (json!({"node_id": 5, "addr": own.addr.to_string()}), INVALID_PARAMS, "invalid"),
-        (json!({"node_id": genuine_id, "addr": "127.0.0.1"}), INVALID_PARAMS, "invalid"),
+        (
+            entry(&upper, &own.addr.to_string()),
+            INVALID_PARAMS,
+            "lowercase",
+        ),
+        (
+            entry(&genuine_id[..39], &own.addr.to_string()),
+            INVALID_PARAMS,
+            "40",
+        ),
+        (
+            entry(&format!("{genuine_id}0"), &own.addr.to_string()),
+            INVALID_PARAMS,
+            "40",
+        ),
+        (
+            json!({"node_id": 5, "addr": own.addr.to_string()}),
+            INVALID_PARAMS,
+            "invalid",
+        ),
+        (
+            json!({"node_id": genuine_id, "addr": "127.0.0.1"}),
+            INVALID_PARAMS,
+            "invalid",
+        ),
     ];
     for (n, code, says) in &cases {
         let r = conn.request(&json!({"type": "announce", "node": n, "rows": []}));
@@ -502,7 +556,10 @@ fn forged_peers_never_enter_any_state() {
     assert_eq!(r["type"], "leaf_set", "{r}");
     conn.assert_usable();
     assert!(
-        wait_until(Duration::from_secs(10), || c.node(0).node().knows(&liar.info().node_id)),
+        wait_until(Duration::from_secs(10), || c
+            .node(0)
+            .node()
+            .knows(&liar.info().node_id)),
         "the liar, heard of from a real node, was probed and taken in"
     );
 
@@ -530,7 +587,10 @@ fn forged_peers_never_enter_any_state() {
 fn a_real_newcomer_is_verified_and_taken_in() {
     let a = start_node(test_config());
     let b = start_node(test_config());
-    let r = rpc(a.addr(), &json!({"type": "announce", "node": b.node().own()}));
+    let r = rpc(
+        a.addr(),
+        &json!({"type": "announce", "node": b.node().own()}),
+    );
     assert_eq!(r["type"], "leaf_set", "{r}");
     assert!(a.node().knows(&b.id()));
     assert!(state_ids(a.addr()).contains(&b.id()));
@@ -789,8 +849,16 @@ impl Gen {
             }
             8 => {
                 // Huge and odd numbers where small ones go.
-                let n = ["1e400", "-1e400", "18446744073709551616", "-0", "1.0", "0x10", "NaN", "01"]
-                    [self.below(8)];
+                let n = [
+                    "1e400",
+                    "-1e400",
+                    "18446744073709551616",
+                    "-0",
+                    "1.0",
+                    "0x10",
+                    "NaN",
+                    "01",
+                ][self.below(8)];
                 match self.below(3) {
                     0 => format!(r#"{{"type":"forward","hops":{n},"op":{{"type":"get","key":"a"}}}}"#),
                     1 => format!(r#"{{"type":"replicate","entries":[{{"key":"a","version":{n},"value":1}}]}}"#),
@@ -830,7 +898,10 @@ fn fuzz_the_decoder() {
                 accepted += 1;
                 let again = serde_json::to_vec(&envelope.request).expect("encode");
                 let back = decode(&again).unwrap_or_else(|e| {
-                    panic!("line {i}: {} re-encoded does not decode: {e:?}", String::from_utf8_lossy(&line))
+                    panic!(
+                        "line {i}: {} re-encoded does not decode: {e:?}",
+                        String::from_utf8_lossy(&line)
+                    )
                 });
                 assert_eq!(back.request, envelope.request, "line {i}");
             }
@@ -842,7 +913,10 @@ fn fuzz_the_decoder() {
         }
     }
     eprintln!("decoder: {accepted} lines accepted, {rejected} rejected");
-    assert!(accepted > 3_000 && rejected > 3_000, "{accepted} / {rejected}: the generator lost its mix");
+    assert!(
+        accepted > 3_000 && rejected > 3_000,
+        "{accepted} / {rejected}: the generator lost its mix"
+    );
 }
 
 /// Sends `lines` on one connection, pipelined in small batches, and checks that
@@ -868,7 +942,11 @@ fn fuzz_connection(addr: SocketAddr, gen: &mut Gen, lines: usize, tag: &str) -> 
             out.extend_from_slice(if gen.chance(10) { b"\r\n" } else { b"\n" });
         }
         let ping_id = format!("{tag}-{batch_no}");
-        out.extend_from_slice(json!({"type": "ping", "id": ping_id}).to_string().as_bytes());
+        out.extend_from_slice(
+            json!({"type": "ping", "id": ping_id})
+                .to_string()
+                .as_bytes(),
+        );
         out.push(b'\n');
         writer.write_all(&out).expect("write");
         for l in &batch {
@@ -876,12 +954,17 @@ fn fuzz_connection(addr: SocketAddr, gen: &mut Gen, lines: usize, tag: &str) -> 
             reader
                 .read_line(&mut reply)
                 .unwrap_or_else(|e| panic!("no reply to {}: {e}", String::from_utf8_lossy(l)));
-            let r: Value = serde_json::from_str(&reply)
-                .unwrap_or_else(|e| panic!("reply {reply:?} to {}: {e}", String::from_utf8_lossy(l)));
+            let r: Value = serde_json::from_str(&reply).unwrap_or_else(|e| {
+                panic!("reply {reply:?} to {}: {e}", String::from_utf8_lossy(l))
+            });
             let kind = r["type"].as_str().unwrap_or_else(|| panic!("{r}"));
             codes.push(if kind == "error" {
                 let code = r["code"].as_i64().unwrap_or(0);
-                assert!(CODES.contains(&code), "{} -> {r}", String::from_utf8_lossy(l));
+                assert!(
+                    CODES.contains(&code),
+                    "{} -> {r}",
+                    String::from_utf8_lossy(l)
+                );
                 code
             } else {
                 0
@@ -913,16 +996,16 @@ fn fuzz_live_nodes() {
     addrs.push(dead_addr());
     let started = Instant::now();
     let mut gen = Gen::new(0x5eed_0002, addrs.clone());
-    let mut codes = fuzz_connection(c.addr(0), &mut gen, 2_000, "single");
+    let mut codes = fuzz_connection(c.addr(0), &mut gen, 4_000, "single");
     let cluster_addrs = c.addrs();
     std::thread::scope(|s| {
-        let handles: Vec<_> = (0..6)
+        let handles: Vec<_> = (0..8)
             .map(|t| {
                 let addrs = addrs.clone();
                 let to = cluster_addrs[t % cluster_addrs.len()];
                 s.spawn(move || {
                     let mut gen = Gen::new(0x5eed_1000 + t as u64, addrs);
-                    fuzz_connection(to, &mut gen, 300, &format!("conn{t}"))
+                    fuzz_connection(to, &mut gen, 500, &format!("conn{t}"))
                 })
             })
             .collect();
@@ -939,22 +1022,31 @@ fn fuzz_live_nodes() {
         codes.len(),
         started.elapsed()
     );
-    assert_eq!(codes.len(), 2_000 + 6 * 300);
-    assert!(by_code.get(&0).copied().unwrap_or(0) > 300, "{by_code:?}");
+    assert_eq!(codes.len(), 4_000 + 8 * 500);
+    assert!(by_code.get(&0).copied().unwrap_or(0) > 1_000, "{by_code:?}");
     assert!(by_code.len() >= 6, "too few kinds of reply: {by_code:?}");
 
     // Still serving, and routing correctly.
     for i in 0..3 {
-        let p = rpc(c.addr(i), &json!({"type": "put", "key": format!("after{i}"), "value": i}));
+        let p = rpc(
+            c.addr(i),
+            &json!({"type": "put", "key": format!("after{i}"), "value": i}),
+        );
         assert_eq!(p["type"], "put_ok", "{p}");
-        let g = rpc(c.addr((i + 1) % 3), &json!({"type": "get", "key": format!("after{i}")}));
+        let g = rpc(
+            c.addr((i + 1) % 3),
+            &json!({"type": "get", "key": format!("after{i}")}),
+        );
         assert_eq!(g["value"], i, "{g}");
     }
     let cluster: HashSet<NodeId> = c.ids().into_iter().collect();
     std::thread::sleep(c.config.tick * 3);
     for i in 0..3 {
         for id in state_ids(c.addr(i)) {
-            assert!(cluster.contains(&id), "node {i} holds {id}: fuzzing poisoned its state");
+            assert!(
+                cluster.contains(&id),
+                "node {i} holds {id}: fuzzing poisoned its state"
+            );
         }
     }
 }
@@ -976,7 +1068,10 @@ fn open_file_limit() -> Option<usize> {
 fn hundreds_of_idle_connections_do_not_starve_a_client() {
     let limit = open_file_limit().unwrap_or(1024);
     let idle_count = 300.min(limit.saturating_sub(300) / 2);
-    assert!(idle_count >= 100, "open file limit {limit} is too low for this test");
+    assert!(
+        idle_count >= 100,
+        "open file limit {limit} is too low for this test"
+    );
     let node = start_node(test_config());
     let addr = node.addr();
     let mut idle: Vec<TcpStream> = (0..idle_count)
@@ -1001,8 +1096,14 @@ fn hundreds_of_idle_connections_do_not_starve_a_client() {
         .expect("timeout");
     for i in 0..20 {
         let key = format!("busy{i}");
-        assert_eq!(client.request(&json!({"type": "put", "key": key, "value": i}))["type"], "put_ok");
-        assert_eq!(client.request(&json!({"type": "get", "key": key}))["value"], i);
+        assert_eq!(
+            client.request(&json!({"type": "put", "key": key, "value": i}))["type"],
+            "put_ok"
+        );
+        assert_eq!(
+            client.request(&json!({"type": "get", "key": key}))["value"],
+            i
+        );
     }
     // The idle ones were kept, and answer too.
     for s in idle.iter_mut().step_by(50) {
@@ -1042,15 +1143,23 @@ fn many_clients_mixing_valid_and_invalid_requests() {
             let addr = addrs[t % addrs.len()];
             // A join claiming to be the very node it is sent to.
             let mut bad = bad.clone();
-            bad.push((json!({"type": "join", "node": NodeInfo::new(addr)}).to_string(), BAD_NODE));
+            bad.push((
+                json!({"type": "join", "node": NodeInfo::new(addr)}).to_string(),
+                BAD_NODE,
+            ));
             s.spawn(move || {
                 let mut conn = Raw::connect(addr);
                 for i in 0..rounds {
                     let key = format!("client{t}-key{i}");
                     let value = json!({"t": t, "i": i});
                     let id = format!("{t}-{i}");
-                    let r = conn.request(&json!({"type": "put", "key": key, "value": value, "id": id}));
-                    assert_eq!((r["type"].as_str(), r["id"].as_str()), (Some("put_ok"), Some(id.as_str())), "{r}");
+                    let r =
+                        conn.request(&json!({"type": "put", "key": key, "value": value, "id": id}));
+                    assert_eq!(
+                        (r["type"].as_str(), r["id"].as_str()),
+                        (Some("put_ok"), Some(id.as_str())),
+                        "{r}"
+                    );
                     let (line, code) = &bad[(t + i) % bad.len()];
                     let r = conn.send(line);
                     assert_eq!(error_code(&r), *code, "{line:.80} -> {r}");
@@ -1067,7 +1176,10 @@ fn many_clients_mixing_valid_and_invalid_requests() {
     // Every acknowledged write is there, read from another node.
     for t in 0..clients {
         let key = format!("client{t}-key{}", rounds - 1);
-        let g = rpc(addrs[(t + 1) % addrs.len()], &json!({"type": "get", "key": key}));
+        let g = rpc(
+            addrs[(t + 1) % addrs.len()],
+            &json!({"type": "get", "key": key}),
+        );
         assert_eq!(g["value"], json!({"t": t, "i": rounds - 1}), "{g}");
     }
 }

@@ -532,7 +532,9 @@ impl Node {
             .map_or(0, |d| d.as_millis() as u64);
         let c = &self.shared.config;
         // Measured before the lock is taken.
-        let charge = key.len().saturating_add(value.as_ref().map_or(0, store::json_len));
+        let charge = key
+            .len()
+            .saturating_add(value.as_ref().map_or(0, store::json_len));
         let mut store = self.store_mut();
         // The check and the write under one lock: concurrent writers cannot
         // overshoot the caps together.

@@ -257,15 +257,30 @@ mod tests {
         assert_eq!(s.entries(), 1);
         // Two entries at most, 20 bytes at most.
         let (keys, bytes) = (2, 20);
-        assert!(s.fits("cd", charge("cd", &v(json!(123456))), keys, bytes), "8 more: 15");
-        assert!(!s.fits("cd", charge("cd", &v(json!("a long value"))), keys, bytes), "16 more: 23");
+        assert!(
+            s.fits("cd", charge("cd", &v(json!(123456))), keys, bytes),
+            "8 more: 15"
+        );
+        assert!(
+            !s.fits("cd", charge("cd", &v(json!("a long value"))), keys, bytes),
+            "16 more: 23"
+        );
         s.write("cd", Some(json!(123456)), 1);
         assert_eq!(s.bytes(), 15);
-        assert!(!s.fits("ef", charge("ef", &v(json!(1))), keys, bytes), "a third entry");
+        assert!(
+            !s.fits("ef", charge("ef", &v(json!(1))), keys, bytes),
+            "a third entry"
+        );
         // A key it holds may grow within the byte cap, and may always shrink or
         // be deleted.
-        assert!(s.fits("ab", charge("ab", &v(json!("xyzxyz"))), keys, bytes), "18 bytes");
-        assert!(!s.fits("ab", charge("ab", &v(json!("xyzxyzxyz"))), keys, bytes), "21 bytes");
+        assert!(
+            s.fits("ab", charge("ab", &v(json!("xyzxyz"))), keys, bytes),
+            "18 bytes"
+        );
+        assert!(
+            !s.fits("ab", charge("ab", &v(json!("xyzxyzxyz"))), keys, bytes),
+            "21 bytes"
+        );
         let tombstone = Versioned {
             version: 2,
             deleted: true,

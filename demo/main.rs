@@ -366,7 +366,11 @@ fn survive_failures(nodes: &mut Vec<RunningNode>, tally: &mut Tally) {
     let total = nodes.len();
     println!("5. Surviving failures: stopping {count} of the {total} nodes, without warning");
     for id in &victims {
-        let mut node = nodes.remove(nodes.iter().position(|n| n.id() == *id).unwrap());
+        // Every victim was picked from `nodes`, and each is removed once.
+        let Some(at) = nodes.iter().position(|n| n.id() == *id) else {
+            continue;
+        };
+        let mut node = nodes.remove(at);
         node.shutdown();
         println!("   stopped {}  {}", id.short(), node.addr());
     }

@@ -31,6 +31,10 @@
 //!   measures the real thing on loopback).
 //! - `src/main.rs`: the `pastry-node` program; `demo/main.rs`: the demo.
 
+// Nothing a peer sends may panic a node: library code returns errors instead
+// of unwrapping (tests may unwrap).
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 pub mod client;
 pub mod message_handler;
 pub mod pastry_node;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use pastry::pastry_node::{Config, RunningNode};
 
-const USAGE: &str = "usage: pastry-node <ip> <port> [<bootstrap-ip> <bootstrap-port>] [--leaf-set N] [--replicas K] [--tick-ms MS] [--timeout-ms MS] [--log-level LEVEL]";
+const USAGE: &str = "usage: pastry-node <ip> <port> [<bootstrap-ip> <bootstrap-port>] [--leaf-set N] [--replicas K] [--heartbeat-ms MS] [--timeout-ms MS] [--log-level LEVEL] [limits: --max-line B --max-key B --max-value B --max-keys N --max-store-bytes B --max-connections N --max-hops N --line-timeout-ms MS --idle-timeout-ms MS]";
 
 const HELP: &str = "\
 pastry-node: one node of a Pastry distributed hash table.
@@ -38,6 +38,17 @@ OPTIONS:
                        network a shorter one finds failures sooner
     --log-level LEVEL  off, error, warn, info, debug or trace (default info; or set
                        the PASTRY_LOG environment variable)
+
+LIMITS (what a node accepts; see \"Limits and security\" in the README):
+    --max-line B           longest request line, in bytes (default 1048576)
+    --max-key B            longest key, in bytes (default 1024)
+    --max-value B          largest value, in bytes as JSON (default 65536)
+    --max-keys N           most entries stored, tombstones included (default 1000000)
+    --max-store-bytes B    most bytes stored, keys plus values (default 268435456)
+    --max-connections N    most connections served at once (default 1024)
+    --max-hops N           most forwards of one message (default 64)
+    --line-timeout-ms MS   a begun line must be whole within this (default 10000)
+    --idle-timeout-ms MS   a silent connection is closed after this (default 60000)
     -h, --help         this help
     -V, --version      the version
 
@@ -56,10 +67,12 @@ struct Options {
     tick_ms: u64,
     timeout_ms: u64,
     log_level: log::LevelFilter,
+    /// The limits, as `Config` fields (the other fields are set in `run`).
+    limits: Config,
 }
 
 enum Parsed {
-    Run(Options),
+    Run(Box<Options>),
     Help,
     Version,
 }
@@ -79,6 +92,14 @@ fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
         .map_err(|_| format!("log level {s:?} is not one of off, error, warn, info, debug, trace"))
 }
 
+/// A whole number of at least `min`, for option `name`.
+fn count(name: &str, s: &str, min: usize) -> Result<usize, String> {
+    s.parse()
+        .ok()
+        .filter(|n: &usize| *n >= min)
+        .ok_or_else(|| format!("{name} {s:?}: expected a whole number, at least {min}"))
+}
+
 fn parse(args: &[String]) -> Result<Parsed, String> {
     let mut positional = Vec::new();
     let mut leaf_set = pastry::utils::LEAF_SET_SIZE;
@@ -88,6 +109,7 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
         .call_timeout
         .as_millis() as u64;
     let mut log_level = None;
+    let mut limits = Config::default();
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = |name: &str| {
@@ -129,6 +151,22 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
                 })?;
             }
             "--log-level" => log_level = Some(parse_level(&value("--log-level")?)?),
+            "--max-line" => limits.max_line = count(arg, &value(arg)?, 64)?,
+            "--max-key" => limits.max_key_bytes = count(arg, &value(arg)?, 1)?,
+            "--max-value" => limits.max_value_bytes = count(arg, &value(arg)?, 1)?,
+            "--max-keys" => limits.max_store_keys = count(arg, &value(arg)?, 1)?,
+            "--max-store-bytes" => limits.max_store_bytes = count(arg, &value(arg)?, 1)?,
+            "--max-connections" => limits.max_connections = count(arg, &value(arg)?, 1)?,
+            "--max-hops" => {
+                limits.max_hops = u32::try_from(count(arg, &value(arg)?, 1)?)
+                    .map_err(|_| format!("{arg}: at most {}", u32::MAX))?
+            }
+            "--line-timeout-ms" => {
+                limits.line_timeout = Duration::from_millis(count(arg, &value(arg)?, 1)? as u64)
+            }
+            "--idle-timeout-ms" => {
+                limits.client_timeout = Duration::from_millis(count(arg, &value(arg)?, 1)? as u64)
+            }
             s if s.starts_with('-') && s.len() > 1 => return Err(format!("unknown option {s}")),
             _ => positional.push(arg.clone()),
         }
@@ -175,7 +213,7 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
             leaf_set / 2 + 1
         ));
     }
-    Ok(Parsed::Run(Options {
+    Ok(Parsed::Run(Box::new(Options {
         addr: SocketAddr::new(ip, parse_port(port, "port")?),
         bootstrap,
         leaf_set,
@@ -183,7 +221,8 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
         tick_ms,
         timeout_ms,
         log_level,
-    }))
+        limits,
+    })))
 }
 
 fn init_logging(level: log::LevelFilter) {
@@ -200,7 +239,7 @@ fn init_logging(level: log::LevelFilter) {
     let _ = simplelog::TermLogger::init(level, config, simplelog::TerminalMode::Stderr, color);
 }
 
-fn run(opts: Options) -> Result<ExitCode, String> {
+fn run(opts: Box<Options>) -> Result<ExitCode, String> {
     init_logging(opts.log_level);
     let listener =
         TcpListener::bind(opts.addr).map_err(|e| format!("cannot listen on {}: {e}", opts.addr))?;
@@ -209,7 +248,7 @@ fn run(opts: Options) -> Result<ExitCode, String> {
         replicas: opts.replicas,
         tick: Duration::from_millis(opts.tick_ms),
         call_timeout: Duration::from_millis(opts.timeout_ms),
-        ..Config::default()
+        ..opts.limits
     };
     let mut node = RunningNode::start(listener, config)
         .map_err(|e| format!("cannot start the node on {}: {e}", opts.addr))?;

@@ -23,10 +23,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::pastry_node::router::Route;
+use crate::pastry_node::store::json_len;
 use crate::pastry_node::store::Versioned;
 use crate::pastry_node::transport::Transport;
-use crate::pastry_node::{KeyEntry, Node};
-use crate::utils::{NodeId, NodeInfo, MAX_HOPS};
+use crate::pastry_node::{Config, KeyEntry, Node, StoreFull};
+use crate::utils::{NodeId, NodeInfo};
 
 /// JSON-RPC 2.0 error codes, as the client protocol promises.
 pub mod code {
@@ -46,11 +47,20 @@ pub mod code {
     pub const LINE_TOO_LONG: i64 = -32003;
     /// The node serves as many connections as it may.
     pub const BUSY: i64 = -32005;
-    /// A node entry in a node-to-node message is not genuine.
+    /// A node entry in a node-to-node message is not genuine: its id is not SHA-1
+    /// of its address, it claims to be the receiving node, or nobody answers as
+    /// that node at that address when dialled back.
     pub const BAD_NODE: i64 = -32004;
+    /// The root's store holds as many entries or bytes as its caps allow.
+    pub const STORE_FULL: i64 = -32006;
     /// The node is joining and its leaf set is not confirmed yet.
-    pub const JOINING: i64 = -32006;
+    pub const JOINING: i64 = -32007;
 }
+
+/// Deepest nesting of arrays and objects accepted in a value. The parser stops at
+/// 128 levels, and a value travels wrapped in up to three more (`forward`,
+/// `replicate`): a cap well below keeps every stored value readable by every node.
+pub const MAX_VALUE_DEPTH: usize = 64;
 
 /// An operation routed to the root of a key.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -342,9 +352,12 @@ pub enum Reply {
         #[serde(default)]
         rows: Vec<NodeInfo>,
     },
-    /// The reply to `replicate`: how many of the copies were newer and kept.
+    /// The reply to `replicate`: how many of the copies were newer and kept, and
+    /// how many were refused (too large, or the store is full).
     Replicated {
         applied: usize,
+        #[serde(default)]
+        refused: usize,
     },
     /// The reply to `digest`: the buckets whose copies differ from the sender's.
     DigestDiff {
@@ -495,23 +508,20 @@ fn validate(request: &Request) -> Result<(), (i64, String)> {
             }
             check_node(node)
         }
-        Request::Forward { hops, op } => {
-            if *hops > MAX_HOPS {
-                return Err((code::HOP_CAP, hop_cap_message()));
+        // The hop cap is a setting of the node (`Config::max_hops`): `route_op`
+        // checks it.
+        Request::Forward { op, .. } => match op {
+            Op::Put { key, .. } | Op::Get { key } | Op::Delete { key } | Op::Route { key } => {
+                check_key(key)
             }
-            match op {
-                Op::Put { key, .. } | Op::Get { key } | Op::Delete { key } | Op::Route { key } => {
-                    check_key(key)
-                }
-                Op::Join { node } => check_node(node),
-            }
-        }
+            Op::Join { node } => check_node(node),
+        },
         Request::Ping | Request::Help | Request::Status | Request::Stats => Ok(()),
     }
 }
 
-fn hop_cap_message() -> String {
-    format!("hop cap reached: a message may be forwarded at most {MAX_HOPS} times")
+fn hop_cap_message(max_hops: u32) -> String {
+    format!("hop cap reached: a message may be forwarded at most {max_hops} times")
 }
 
 /// Encodes a reply as one line, `\n` included, echoing the client's `id`.
@@ -539,28 +549,20 @@ pub fn encode(reply: &Reply, id: Option<Value>) -> Vec<u8> {
 /// Handles one request at `node`, using `transport` to reach other nodes.
 pub fn handle(node: &Node, request: Request, transport: &dyn Transport) -> Reply {
     node.count_message(request.kind_index());
+    if let Some(refusal) = refuse(node, &request) {
+        node.count_error();
+        return refusal;
+    }
     let reply = match request {
         Request::Ping => Reply::Pong {
             node_id: node.own().node_id,
             addr: node.own().addr,
         },
         Request::Help => Reply::Help { commands: help() },
-        Request::Put { key, value } => match size_error(node, &key, Some(&value)) {
-            Some(reply) => reply,
-            None => route_op(node, Op::Put { key, value }, 0, transport),
-        },
-        Request::Get { key } => match size_error(node, &key, None) {
-            Some(reply) => reply,
-            None => route_op(node, Op::Get { key }, 0, transport),
-        },
-        Request::Delete { key } => match size_error(node, &key, None) {
-            Some(reply) => reply,
-            None => route_op(node, Op::Delete { key }, 0, transport),
-        },
-        Request::Route { key } => match size_error(node, &key, None) {
-            Some(reply) => reply,
-            None => route_op(node, Op::Route { key }, 0, transport),
-        },
+        Request::Put { key, value } => route_op(node, Op::Put { key, value }, 0, transport),
+        Request::Get { key } => route_op(node, Op::Get { key }, 0, transport),
+        Request::Delete { key } => route_op(node, Op::Delete { key }, 0, transport),
+        Request::Route { key } => route_op(node, Op::Route { key }, 0, transport),
         Request::Join { node: joiner } => route_op(node, Op::Join { node: joiner }, 0, transport),
         Request::Forward { hops, op } => route_op(node, op, hops, transport),
         Request::Status => node.status(),
@@ -575,28 +577,60 @@ pub fn handle(node: &Node, request: Request, transport: &dyn Transport) -> Reply
                 differing: ours.differing(&buckets),
             }
         }
-        Request::Replicate { entries } => Reply::Replicated {
-            applied: entries
-                .into_iter()
-                .filter(|e| node.store_apply(&e.key, e.entry.clone()))
-                .count(),
-        },
+        Request::Replicate { entries } => {
+            let (mut applied, mut refused) = (0, 0);
+            for e in entries {
+                // Copies obey the limits a client's put does: a replicate is
+                // no way around them.
+                let value = (!e.entry.deleted).then_some(&e.entry.value);
+                if size_error(node.config(), &e.key, value).is_some() {
+                    refused += 1;
+                    continue;
+                }
+                match node.store_apply(&e.key, e.entry) {
+                    Ok(true) => applied += 1,
+                    Ok(false) => {}
+                    Err(StoreFull) => refused += 1,
+                }
+            }
+            Reply::Replicated { applied, refused }
+        }
         Request::Fetch { key } => Reply::Entry {
             entry: node.store_entry(&key),
             key,
         },
         Request::Stats => node.stats(),
         Request::Announce { node: from, rows } => {
-            // Nothing here is taken on trust: `learn` drops entries whose id is not
-            // SHA-1 of their address, and measures every newcomer it keeps, so a dead
-            // or invented node is found out and forgotten.
-            // The announcing node is alive: it is talking to us. What it tells us
-            // about others is hearsay, checked before it is used.
-            if from.is_genuine() {
+            // Nothing here is taken on trust. Anyone can send an announcement
+            // naming any genuine id (SHA-1 of an address they pick), so a node we
+            // do not know yet is dialled back at the address it gives, and enters
+            // our state only if it answers there with that id. The round trip
+            // measures its proximity too, so it competes for routing-table slots
+            // at once. A node we know already (every tick, our leaf set's
+            // heartbeat) was checked when it came in.
+            if node.knows(&from.node_id) {
                 node.heard_from(&from.node_id);
+                node.learn(from, None);
+                node.consider(from);
+            } else {
+                match transport.proximity(&from) {
+                    Ok(p) => {
+                        node.heard_from(&from.node_id);
+                        node.learn(from, Some(p));
+                    }
+                    Err(e) => {
+                        node.count_error();
+                        return Reply::error(
+                            code::BAD_NODE,
+                            format!(
+                                "cannot verify node {} at {}: dialled back, it did not answer as that node ({e})",
+                                from.node_id, from.addr
+                            ),
+                        );
+                    }
+                }
             }
-            node.learn(from, None);
-            node.consider(from);
+            // What it tells us about others is hearsay, checked before it is used.
             for n in rows {
                 node.hear_of(n);
             }
@@ -613,27 +647,92 @@ pub fn handle(node: &Node, request: Request, transport: &dyn Transport) -> Reply
     reply
 }
 
-/// Refuses a key and value that would not fit the line limit once other nodes
-/// wrap them (a `forward`, a reply with the owner): every node must be able to
-/// read what the root stores. The size is that of the JSON nodes send each
-/// other, which can be longer than the client's (`1e5` is re-encoded as
-/// `100000.0`).
-fn size_error(node: &Node, key: &str, value: Option<&Value>) -> Option<Reply> {
-    let room = node
-        .config()
+/// Refuses what no node may do with this request whatever its state: a node
+/// entry that claims to be us (our own id comes only from us), a message past
+/// the hop cap, a key or value over the limits.
+fn refuse(node: &Node, request: &Request) -> Option<Reply> {
+    let config = node.config();
+    let claimed = match request {
+        Request::Join { node: n }
+        | Request::Announce { node: n, .. }
+        | Request::Forward {
+            op: Op::Join { node: n },
+            ..
+        } => Some(n),
+        _ => None,
+    };
+    if claimed.is_some_and(|n| n.node_id == node.own().node_id) {
+        return Some(Reply::error(
+            code::BAD_NODE,
+            format!(
+                "node {} is this node: no other node may speak for it",
+                node.own().node_id
+            ),
+        ));
+    }
+    match request {
+        Request::Put { key, value }
+        | Request::Forward {
+            op: Op::Put { key, value },
+            ..
+        } => size_error(config, key, Some(value)),
+        Request::Get { key }
+        | Request::Delete { key }
+        | Request::Route { key }
+        | Request::Fetch { key }
+        | Request::Forward {
+            op: Op::Get { key } | Op::Delete { key } | Op::Route { key },
+            ..
+        } => size_error(config, key, None),
+        _ => None,
+    }
+}
+
+/// Refuses a key or value over the limits (`Config::max_key_bytes`,
+/// `Config::max_value_bytes`, [`MAX_VALUE_DEPTH`]), and a key and value that
+/// would not fit the line limit once other nodes wrap them (a `forward`, a
+/// reply with the owner): every node must be able to read what the root stores.
+/// Sizes are those of the JSON nodes send each other, which can be longer than
+/// the client's (`1e5` is re-encoded as `100000.0`).
+fn size_error(config: &Config, key: &str, value: Option<&Value>) -> Option<Reply> {
+    let invalid = |message: String| Some(Reply::error(code::INVALID_PARAMS, message));
+    if key.len() > config.max_key_bytes {
+        return invalid(format!(
+            "key too long: {} bytes, at most {} (UTF-8)",
+            key.len(),
+            config.max_key_bytes
+        ));
+    }
+    let value_len = value.map_or(0, json_len);
+    if value_len > config.max_value_bytes {
+        return invalid(format!(
+            "value too large: {value_len} bytes as JSON, at most {}",
+            config.max_value_bytes
+        ));
+    }
+    if value.is_some_and(|v| depth(v) > MAX_VALUE_DEPTH) {
+        return invalid(format!(
+            "value nested too deeply: at most {MAX_VALUE_DEPTH} levels of arrays and objects"
+        ));
+    }
+    let room = config
         .max_line
         .saturating_sub(crate::pastry_node::server::NODE_LINE_HEADROOM);
     let key_len = serde_json::to_string(key).map_or(usize::MAX, |k| k.len());
-    let value_len = value.map_or(0, |v| {
-        serde_json::to_string(v).map_or(usize::MAX, |v| v.len())
-    });
     if key_len.saturating_add(value_len) > room {
-        return Some(Reply::error(
-            code::INVALID_PARAMS,
-            format!("key and value too large: together they may take at most {room} bytes as JSON (the line limit less room for routing)"),
-        ));
+        return invalid(format!("key and value too large: together they may take at most {room} bytes as JSON (the line limit less room for routing)"));
     }
     None
+}
+
+/// Levels of arrays and objects in `value` (a scalar is 0). The parser bounds the
+/// recursion at 128 levels.
+fn depth(value: &Value) -> usize {
+    match value {
+        Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 /// How many next hops a message may find dead at one node before it gives up.
@@ -641,8 +740,9 @@ const MAX_RETRIES_PER_HOP: usize = 4;
 
 /// Routes `op` from `node`, where it arrived after `hops` forwards.
 fn route_op(node: &Node, op: Op, hops: u32, transport: &dyn Transport) -> Reply {
-    if hops > MAX_HOPS {
-        return Reply::error(code::HOP_CAP, hop_cap_message());
+    let max_hops = node.config().max_hops;
+    if hops > max_hops {
+        return Reply::error(code::HOP_CAP, hop_cap_message(max_hops));
     }
     // A joining node routes, and answers as root, only once its leaf set is
     // confirmed: until then a node it has not heard of yet may be the true root
@@ -672,7 +772,7 @@ fn route_op(node: &Node, op: Op, hops: u32, transport: &dyn Transport) -> Reply 
             }
         };
         let forward = Request::Forward {
-            hops: hops + 1,
+            hops: hops.saturating_add(1),
             op: op.clone(),
         };
         match transport.call(&next, &forward) {
@@ -753,7 +853,10 @@ fn deliver(node: &Node, op: Op, hops: u32, transport: &dyn Transport) -> Reply {
     let owner = node.own().node_id;
     match op {
         Op::Put { key, value } => {
-            let entry = node.store_write(&key, Some(value));
+            let entry = match node.store_write(&key, Some(value)) {
+                Ok(entry) => entry,
+                Err(StoreFull) => return store_full(node),
+            };
             let replicas = 1 + replicate(node, &key, entry, transport);
             Reply::PutOk {
                 key_id: NodeId::for_key(&key),
@@ -774,7 +877,10 @@ fn deliver(node: &Node, op: Op, hops: u32, transport: &dyn Transport) -> Reply {
         },
         Op::Delete { key } => {
             let existed = newest_entry(node, &key, transport).is_some_and(|e| !e.deleted);
-            let tombstone = node.store_write(&key, None);
+            let tombstone = match node.store_write(&key, None) {
+                Ok(entry) => entry,
+                Err(StoreFull) => return store_full(node),
+            };
             let replicas = 1 + replicate(node, &key, tombstone, transport);
             Reply::Deleted {
                 existed,
@@ -806,6 +912,18 @@ fn deliver(node: &Node, op: Op, hops: u32, transport: &dyn Transport) -> Reply {
     }
 }
 
+/// The reply to a write the root's store has no room for.
+fn store_full(node: &Node) -> Reply {
+    let c = node.config();
+    Reply::error(
+        code::STORE_FULL,
+        format!(
+            "store full: the key's root holds as many entries ({}) or bytes ({}) as it may; delete keys or try again later",
+            c.max_store_keys, c.max_store_bytes
+        ),
+    )
+}
+
 /// Sends the root's new `entry` for `key` to the other members of its replica
 /// set, and returns how many took it: the honest count behind `replicas`.
 fn replicate(node: &Node, key: &str, entry: Versioned, transport: &dyn Transport) -> usize {
@@ -822,7 +940,9 @@ fn replicate(node: &Node, key: &str, entry: Versioned, transport: &dyn Transport
             continue;
         }
         match transport.call(&peer, &request) {
-            Ok(Reply::Replicated { .. }) => held += 1,
+            // A replica that refused the copy (its store is full) does not hold
+            // it, and is not counted.
+            Ok(Reply::Replicated { refused: 0, .. }) => held += 1,
             Ok(_) => {}
             Err(_) => node.suspect(peer),
         }
@@ -872,7 +992,8 @@ fn newest_entry(node: &Node, key: &str, transport: &dyn Transport) -> Option<Ver
         }
     }
     if let Some(e) = &newest {
-        node.store_apply(key, e.clone());
+        // A full store answers with the value without keeping it.
+        let _ = node.store_apply(key, e.clone());
     }
     newest
 }
@@ -893,7 +1014,10 @@ fn help() -> Vec<CommandHelp> {
         c("help", &[], "This list."),
         c(
             "put",
-            &["key: non-empty string", "value: any JSON value"],
+            &[
+                "key: non-empty string, at most 1 KiB by default",
+                "value: any JSON value, at most 64 KiB as JSON by default",
+            ],
             "Store value under key on the key's root node (alias: store).",
         ),
         c(
@@ -997,10 +1121,6 @@ mod tests {
                 code::INVALID_PARAMS,
             ),
             (
-                "{\"type\":\"forward\",\"hops\":65,\"op\":{\"type\":\"get\",\"key\":\"a\"}}",
-                code::HOP_CAP,
-            ),
-            (
                 "{\"type\":\"announce\",\"node\":{\"node_id\":\"0000000000000000000000000000000000000000\",\"addr\":\"127.0.0.1:9\"}}",
                 code::BAD_NODE,
             ),
@@ -1031,6 +1151,17 @@ mod tests {
         let text = String::from_utf8(line).unwrap();
         assert!(text.ends_with('\n'));
         assert_eq!(reply_id(&text), Some(serde_json::json!("abc")));
+    }
+
+    /// Found by `cargo fuzz`: without serde_json's `float_roundtrip`, a long
+    /// decimal was parsed one unit in the last place off, so a value changed
+    /// each time a node re-encoded it (at every hop, in every copy).
+    #[test]
+    fn numbers_survive_re_encoding() {
+        let line = br#"{"type":"put","key":"k","value":[3333333333333333333333333333333333333333333333333,3333333333333333333333333333333333333.3333333333,0.1,1e-300,2.2250738585072011e-308]}"#;
+        let first = decode(line).unwrap().request;
+        let again = serde_json::to_vec(&first).unwrap();
+        assert_eq!(decode(&again).unwrap().request, first);
     }
 
     #[test]

@@ -233,6 +233,15 @@ fn usage_errors_exit_two_with_a_short_message() {
             "--timeout-ms",
         ),
         (&["127.0.0.1", "4000", "--log-level", "loud"], "log level"),
+        (&["127.0.0.1", "4000", "--max-key", "0"], "--max-key"),
+        (&["127.0.0.1", "4000", "--max-value", "big"], "--max-value"),
+        (&["127.0.0.1", "4000", "--max-keys", "-1"], "--max-keys"),
+        (&["127.0.0.1", "4000", "--max-line", "10"], "--max-line"),
+        (
+            &["127.0.0.1", "4000", "--max-hops", "99999999999"],
+            "--max-hops",
+        ),
+        (&["127.0.0.1", "4000", "--line-timeout-ms"], "needs a value"),
     ];
     for (args, needle) in cases {
         let (status, out, err) = run(args);
@@ -259,6 +268,53 @@ fn usage_errors_exit_two_with_a_short_message() {
     let (status, _, err) = run_command(cmd);
     assert_eq!(status.code(), Some(2), "{err}");
     assert!(err.starts_with("error: PASTRY_LOG"), "{err}");
+}
+
+/// The limit flags reach the node: a node started with small limits refuses at
+/// them, with the errors the protocol promises.
+#[test]
+fn limit_flags_reach_the_node() {
+    let mut node = Proc::spawn(&[
+        "127.0.0.1",
+        "0",
+        "--max-key",
+        "8",
+        "--max-value",
+        "10",
+        "--max-keys",
+        "2",
+        "--max-store-bytes",
+        "1000",
+        "--max-hops",
+        "5",
+        "--max-connections",
+        "50",
+        "--line-timeout-ms",
+        "5000",
+        "--idle-timeout-ms",
+        "20000",
+        "--max-line",
+        "100000",
+    ]);
+    let addr = node.listening_addr();
+    let put =
+        |key: &str, value: &str| rpc(addr, &json!({"type": "put", "key": key, "value": value}));
+    let r = put("123456789", "v");
+    assert_eq!(r["code"], -32602, "{r}");
+    assert!(r["message"].as_str().unwrap().contains("at most 8"), "{r}");
+    let r = put("k", "123456789");
+    assert!(r["message"].as_str().unwrap().contains("at most 10"), "{r}");
+    assert_eq!(put("a", "1")["type"], "put_ok");
+    assert_eq!(put("b", "2")["type"], "put_ok");
+    let r = put("c", "3");
+    assert_eq!(r["code"], -32006, "{r}");
+    let r = rpc(
+        addr,
+        &json!({"type": "forward", "hops": 6, "op": {"type": "get", "key": "a"}}),
+    );
+    assert_eq!(r["code"], -32002, "{r}");
+    node.sigterm();
+    assert!(node.wait_exit().success());
 }
 
 #[test]

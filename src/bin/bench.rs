@@ -1098,9 +1098,9 @@ fn rss_summary(kib: &[u64]) -> Value {
     }
     let mean = kib.iter().sum::<u64>() as f64 / kib.len() as f64;
     json!({
-        "min_mib": round(mib(*kib.iter().min().unwrap()), 2),
+        "min_mib": round(mib(kib.iter().copied().min().unwrap_or(0)), 2),
         "mean_mib": round(mean / 1024.0, 2),
-        "max_mib": round(mib(*kib.iter().max().unwrap()), 2),
+        "max_mib": round(mib(kib.iter().copied().max().unwrap_or(0)), 2),
     })
 }
 

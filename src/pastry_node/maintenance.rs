@@ -326,35 +326,37 @@ fn send_batch(
     peer: NodeInfo,
     entries: Vec<KeyEntry>,
 ) -> usize {
-    send(node, transport, peer, entries).unwrap_or(0)
+    send(node, transport, peer, entries).map_or(0, |(applied, _)| applied)
 }
 
-/// Sends one batch of copies; returns whether the peer answered that it has
-/// them (each taken, or a copy at least as new held already).
+/// Sends one batch of copies; returns whether the peer answered that it holds
+/// every one of them now (each taken, or a copy at least as new held already),
+/// none refused (a full store refuses).
 fn send_batch_ok(
     node: &Node,
     transport: &dyn Transport,
     peer: NodeInfo,
     entries: Vec<KeyEntry>,
 ) -> bool {
-    send(node, transport, peer, entries).is_some()
+    send(node, transport, peer, entries).is_some_and(|(_, refused)| refused == 0)
 }
 
+/// Sends one batch of copies; returns how many the peer took and refused.
 fn send(
     node: &Node,
     transport: &dyn Transport,
     peer: NodeInfo,
     entries: Vec<KeyEntry>,
-) -> Option<usize> {
+) -> Option<(usize, usize)> {
     let count = entries.len();
     match transport.call(&peer, &Request::Replicate { entries }) {
-        Ok(Reply::Replicated { applied }) => {
+        Ok(Reply::Replicated { applied, refused }) => {
             node.count_replicated(applied as u64);
             log::debug!(
-                "{applied} of {count} copies taken by {}",
+                "{applied} of {count} copies taken by {} ({refused} refused)",
                 peer.node_id.short()
             );
-            Some(applied)
+            Some((applied, refused))
         }
         Ok(_) => None,
         Err(_) => {

@@ -80,6 +80,22 @@ pub struct Config {
     /// k: how many nodes hold each key (the root and its k - 1 nearest leaf-set
     /// neighbours); at most |L|/2 + 1.
     pub replicas: usize,
+    /// A line must arrive whole within this long of its first byte; a client that
+    /// sends half a line and stalls is let go sooner than an idle one.
+    pub line_timeout: Duration,
+    /// Longest key accepted, in bytes (UTF-8).
+    pub max_key_bytes: usize,
+    /// Longest value accepted, in bytes as compact JSON.
+    pub max_value_bytes: usize,
+    /// Most entries the store holds, tombstones included; a write of one more is
+    /// refused with `store full`.
+    pub max_store_keys: usize,
+    /// Most bytes the store holds, counted as keys plus values as JSON; a write
+    /// past it is refused with `store full`.
+    pub max_store_bytes: usize,
+    /// Most node-to-node forwards of one message; a message that arrives with more
+    /// is refused (hop cap).
+    pub max_hops: u32,
 }
 
 impl Default for Config {
@@ -97,9 +113,23 @@ impl Default for Config {
             replicas: 3,
             replication_period_ticks: 10,
             tombstone_ttl: Duration::from_secs(3600),
+            line_timeout: Duration::from_secs(10),
+            max_key_bytes: 1024,
+            max_value_bytes: 64 * 1024,
+            max_store_keys: 1_000_000,
+            max_store_bytes: 256 << 20,
+            max_hops: crate::utils::MAX_HOPS,
         }
     }
 }
+
+/// Most nodes queued for a probe at once (see [`Node::hear_of`]).
+pub const MAX_PENDING_PROBES: usize = 1024;
+
+/// A write refused because the store holds as many entries or bytes as its
+/// caps allow (`Config::max_store_keys`, `Config::max_store_bytes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreFull;
 
 /// Counters shown by `stats`.
 #[derive(Default)]
@@ -477,6 +507,11 @@ impl Node {
             .probing
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        // Hearsay is cheap to invent and each probe may wait out a timeout: past
+        // this many pending probes, what we hear is dropped rather than queued.
+        if probing.len() >= MAX_PENDING_PROBES {
+            return;
+        }
         if let std::collections::hash_map::Entry::Vacant(slot) = probing.entry(node.node_id) {
             slot.insert(reason);
             self.send(Event::Probe(node));
@@ -651,19 +686,43 @@ impl Node {
     }
 
     /// The root's write of `key` (a delete when `value` is `None`), versioned by
-    /// the wall clock.
-    pub fn store_write(&self, key: &str, value: Option<Value>) -> Versioned {
-        self.store_mut().write(key, value, wall_clock_ms())
+    /// the wall clock; refused if it would take the store past its caps.
+    pub fn store_write(&self, key: &str, value: Option<Value>) -> Result<Versioned, StoreFull> {
+        let now_ms = wall_clock_ms();
+        let c = &self.shared.config;
+        // Measured before the lock is taken.
+        let charge = key
+            .len()
+            .saturating_add(value.as_ref().map_or(0, store::json_len));
+        let mut store = self.store_mut();
+        // The check and the write under one lock: concurrent writers cannot
+        // overshoot the caps together.
+        let fits = store.fits(key, charge, c.max_store_keys, c.max_store_bytes);
+        if !fits {
+            return Err(StoreFull);
+        }
+        Ok(store.write(key, value, now_ms))
     }
 
     /// Takes in a copy of `key` from another node if it is newer than ours.
-    pub fn store_apply(&self, key: &str, entry: Versioned) -> bool {
+    /// Returns whether it was taken; `Err` if it is newer but would take the
+    /// store past its caps.
+    pub fn store_apply(&self, key: &str, entry: Versioned) -> Result<bool, StoreFull> {
         // A tombstone past its lifetime has been dropped here, or soon will be:
         // taking it back in would only start another round of expiry.
         if entry.deleted && entry.version < self.tombstone_cutoff() {
-            return false;
+            return Ok(false);
         }
-        self.store_mut().apply(key, entry)
+        let c = &self.shared.config;
+        let charge = store::charge(key, &entry);
+        let mut store = self.store_mut();
+        let newer = store
+            .record(key)
+            .is_none_or(|old| (entry.version, entry.deleted) > (old.version, old.deleted));
+        if newer && !store.fits(key, charge, c.max_store_keys, c.max_store_bytes) {
+            return Err(StoreFull);
+        }
+        Ok(store.apply(key, entry))
     }
 
     /// Tombstones with a version below this have outlived `tombstone_ttl`.

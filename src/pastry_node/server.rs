@@ -16,7 +16,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::transport::Transport;
 use super::Node;
@@ -40,8 +40,24 @@ pub fn read_line_limited<R: BufRead>(
     buf: &mut Vec<u8>,
     limit: usize,
 ) -> io::Result<LineRead> {
+    read_line_with(reader, buf, limit, |_| Ok(()))
+}
+
+/// [`read_line_limited`], calling `mid_line` each time it is about to wait for
+/// more of a line it has begun (the part received is in `buf`, nothing is
+/// buffered): the server shortens the read timeout there. An error from
+/// `mid_line` ends the read with that error.
+pub fn read_line_with<R: BufRead>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    limit: usize,
+    mut mid_line: impl FnMut(&mut R) -> io::Result<()>,
+) -> io::Result<LineRead> {
     buf.clear();
     loop {
+        if !buf.is_empty() {
+            mid_line(reader)?;
+        }
         let available = match reader.fill_buf() {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -221,10 +237,13 @@ pub const NODE_LINE_HEADROOM: usize = 64 * 1024;
 /// Answers every line on one connection until the client closes it.
 fn serve_connection(stream: TcpStream, node: &Node, transport: &dyn Transport) {
     let _ = stream.set_nodelay(true);
-    // A client that goes silent, idle or in the middle of a line, is let go
-    // after this long, so that it cannot hold a thread forever.
-    let _ = stream.set_read_timeout(Some(node.config().client_timeout));
-    let _ = stream.set_write_timeout(Some(node.config().client_timeout));
+    // A client that says nothing is let go after the client timeout, so that
+    // it cannot hold a thread forever; one that has begun a line must finish
+    // it within the (shorter) line timeout, however slowly it trickles in.
+    let idle = node.config().client_timeout;
+    let line_timeout = node.config().line_timeout;
+    let _ = stream.set_read_timeout(Some(idle));
+    let _ = stream.set_write_timeout(Some(idle));
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -232,7 +251,23 @@ fn serve_connection(stream: TcpStream, node: &Node, transport: &dyn Transport) {
     let mut reader = BufReader::new(stream);
     let mut line = Vec::new();
     loop {
-        let read = read_line_limited(&mut reader, &mut line, limit);
+        // Set when a line arrives in pieces: the time by which it must be whole.
+        // A line that arrives in one piece (nearly all) costs no system call here.
+        let mut deadline: Option<Instant> = None;
+        let read = read_line_with(&mut reader, &mut line, limit, |r| {
+            let by = *deadline.get_or_insert_with(|| Instant::now() + line_timeout);
+            let left = by.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "line not finished within the line timeout",
+                ));
+            }
+            r.get_ref().set_read_timeout(Some(left.min(idle)))
+        });
+        if deadline.is_some() {
+            let _ = reader.get_ref().set_read_timeout(Some(idle));
+        }
         let reply = match read {
             Ok(LineRead::Line) if line.iter().all(u8::is_ascii_whitespace) => continue,
             Ok(LineRead::Line) => match decode(&line) {

@@ -237,8 +237,41 @@ pub struct Store {
     /// Records that are not tombstones, kept up to date so that `stats` does not
     /// walk a million keys under the lock.
     live: usize,
-    /// Key and value (JSON text) bytes of every record.
+    /// The sum of [`charge`] over every entry: what the store's byte cap counts.
     bytes: usize,
+}
+
+/// What one entry counts against the store's byte cap: the key's bytes and the
+/// value as JSON (nothing for a tombstone's value). The memory it takes is more
+/// (the map's own overhead per entry); the cap on entries bounds that part.
+pub fn charge(key: &str, entry: &Versioned) -> usize {
+    let value = if entry.deleted {
+        0
+    } else {
+        json_len(&entry.value)
+    };
+    key.len().saturating_add(value)
+}
+
+/// The length of `value` as compact JSON, counted without building the string.
+pub fn json_len(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    // Writing a `Value` into a counter cannot fail; were it to, count it as
+    // too large to take.
+    match serde_json::to_writer(&mut c, value) {
+        Ok(()) => c.0,
+        Err(_) => usize::MAX,
+    }
 }
 
 impl Store {
@@ -359,6 +392,25 @@ impl Store {
     pub fn record_at(&self, key_id: NodeId, key: &str) -> Option<Record<'_>> {
         let slot = self.slots.get(&key_id)?;
         slot.find(key_id, key).map(|(_, r)| r)
+    }
+
+    /// Whether an entry for `key` whose [`charge`] is `new` may replace what `key`
+    /// holds without the store passing `max_keys` entries (tombstones included)
+    /// or `max_bytes`. A replacement that does not grow the store always fits, so
+    /// a full store still takes deletes and smaller values of the keys it holds.
+    pub fn fits(&self, key: &str, new: usize, max_keys: usize, max_bytes: usize) -> bool {
+        match self.record(key) {
+            Some(old) => {
+                let old = old.bytes();
+                new <= old || self.bytes.saturating_sub(old).saturating_add(new) <= max_bytes
+            }
+            None => self.records < max_keys && self.bytes.saturating_add(new) <= max_bytes,
+        }
+    }
+
+    /// Entries held, tombstones included: what the store's key cap counts.
+    pub fn entries(&self) -> usize {
+        self.records
     }
 
     /// The entry for `key`, tombstones included.
@@ -694,5 +746,56 @@ mod tests {
         assert_eq!(s.write("ab", Some(json!(2)), 10).version, 10);
         assert_eq!(s.remove_tombstones_before(u64::MAX), 1);
         assert_eq!((s.tombstones(), s.len(), s.iter().count()), (0, 2, 2));
+    }
+
+    #[test]
+    fn caps_count_entries_and_bytes_and_let_a_full_store_shrink() {
+        let v = |value: Value| Versioned {
+            version: 1,
+            deleted: false,
+            value,
+        };
+        let mut s = Store::new();
+        // "ab" + "\"xyz\"": 2 + 5 bytes.
+        s.write("ab", Some(json!("xyz")), 1);
+        assert_eq!(s.bytes(), 7);
+        assert_eq!(s.entries(), 1);
+        // Two entries at most, 20 bytes at most.
+        let (keys, bytes) = (2, 20);
+        assert!(
+            s.fits("cd", charge("cd", &v(json!(123456))), keys, bytes),
+            "8 more: 15"
+        );
+        assert!(
+            !s.fits("cd", charge("cd", &v(json!("a long value"))), keys, bytes),
+            "16 more: 23"
+        );
+        s.write("cd", Some(json!(123456)), 1);
+        assert_eq!(s.bytes(), 15);
+        assert!(
+            !s.fits("ef", charge("ef", &v(json!(1))), keys, bytes),
+            "a third entry"
+        );
+        // A key it holds may grow within the byte cap, and may always shrink or
+        // be deleted.
+        assert!(
+            s.fits("ab", charge("ab", &v(json!("xyzxyz"))), keys, bytes),
+            "18 bytes"
+        );
+        assert!(
+            !s.fits("ab", charge("ab", &v(json!("xyzxyzxyz"))), keys, bytes),
+            "21 bytes"
+        );
+        let tombstone = Versioned {
+            version: 2,
+            deleted: true,
+            value: Value::Null,
+        };
+        assert!(s.fits("ab", charge("ab", &tombstone), 0, 0));
+        s.apply("ab", tombstone);
+        assert_eq!(s.bytes(), 2 + 8, "a tombstone counts its key only");
+        assert_eq!(s.entries(), 2, "and still counts as an entry");
+        s.write("cd", Some(json!(1)), 5);
+        assert_eq!(s.bytes(), 2 + 3);
     }
 }

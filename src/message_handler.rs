@@ -765,7 +765,7 @@ fn route_op(node: &Node, op: Op, hops: u32, transport: &dyn Transport) -> Reply 
     loop {
         let decision = node.route(&key_id, |id| dead.contains(id) || Some(*id) == joiner);
         let next = match decision {
-            Route::Deliver => return deliver(node, op, hops, transport),
+            Route::Deliver => return deliver(node, op, &key_id, hops, transport),
             Route::Forward { next, via } => {
                 node.count_forward(via);
                 next
@@ -848,8 +848,9 @@ fn relay(node: &Node, op: &Op, hops: u32, reply: Reply) -> Reply {
     }
 }
 
-/// Performs `op` at its root, this node.
-fn deliver(node: &Node, op: Op, hops: u32, transport: &dyn Transport) -> Reply {
+/// Performs `op` at its root, this node. `key_id` is the id of `op`'s key,
+/// passed on so that it is not hashed again.
+fn deliver(node: &Node, op: Op, key_id: &NodeId, hops: u32, transport: &dyn Transport) -> Reply {
     let owner = node.own().node_id;
     match op {
         Op::Put { key, value } => {
@@ -866,7 +867,7 @@ fn deliver(node: &Node, op: Op, hops: u32, transport: &dyn Transport) -> Reply {
                 replicas,
             }
         }
-        Op::Get { key } => match newest_entry(node, &key, transport) {
+        Op::Get { key } => match newest_entry(node, &key, key_id, transport) {
             Some(e) if !e.deleted => Reply::Value {
                 key,
                 value: e.value,
@@ -876,7 +877,7 @@ fn deliver(node: &Node, op: Op, hops: u32, transport: &dyn Transport) -> Reply {
             _ => Reply::NotFound { key, owner, hops },
         },
         Op::Delete { key } => {
-            let existed = newest_entry(node, &key, transport).is_some_and(|e| !e.deleted);
+            let existed = newest_entry(node, &key, key_id, transport).is_some_and(|e| !e.deleted);
             let tombstone = match node.store_write(&key, None) {
                 Ok(entry) => entry,
                 Err(StoreFull) => return store_full(node),
@@ -955,12 +956,17 @@ fn replicate(node: &Node, key: &str, entry: Versioned, transport: &dyn Transport
 /// of them has it either, the rest of the leaf set is asked: after several nodes
 /// joined near the key, its old holders may all be outside the replica set until
 /// the next replication round moves the key.
-fn newest_entry(node: &Node, key: &str, transport: &dyn Transport) -> Option<Versioned> {
-    if let Some(e) = node.store_entry(key) {
+fn newest_entry(
+    node: &Node,
+    key: &str,
+    key_id: &NodeId,
+    transport: &dyn Transport,
+) -> Option<Versioned> {
+    if let Some(e) = node.store_entry_at(key_id, key) {
         return Some(e);
     }
     let own = node.own().node_id;
-    let key_id = NodeId::for_key(key);
+    let key_id = *key_id;
     let request = Request::Fetch {
         key: key.to_string(),
     };

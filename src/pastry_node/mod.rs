@@ -736,6 +736,12 @@ impl Node {
         self.store().entry(key)
     }
 
+    /// [`Node::store_entry`] for a key whose id the caller has already computed
+    /// (the store is ordered by key id; this saves hashing the key again).
+    pub fn store_entry_at(&self, key_id: &NodeId, key: &str) -> Option<Versioned> {
+        self.store().record_at(*key_id, key).map(|r| r.versioned())
+    }
+
     /// Our live value for `key`.
     pub fn store_get(&self, key: &str) -> Option<Value> {
         self.store().get(key)

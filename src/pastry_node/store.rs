@@ -299,7 +299,7 @@ impl Store {
         self.update(key_id, key, |old| {
             let previous = old.map_or(0, |r| r.version);
             version = now_ms.max(previous.saturating_add(1));
-            Some((version, text.as_deref()))
+            Some((version, text))
         });
         Versioned {
             version,
@@ -316,22 +316,27 @@ impl Store {
 
     /// [`Store::apply`] for a key whose id the caller gives.
     pub fn apply_at(&mut self, key_id: NodeId, key: &str, entry: Versioned) -> bool {
-        // A tombstone keeps no value, whatever the copy carried.
-        let text = (!entry.deleted).then(|| entry.value.to_string());
         self.update(key_id, key, |old| {
             let newer = old.is_none_or(|r| (entry.version, entry.deleted) > (r.version, r.deleted));
-            newer.then_some((entry.version, text.as_deref()))
+            // Encoded only when taken (a replication round mostly repeats what
+            // we hold); a tombstone keeps no value, whatever the copy carried.
+            newer.then(|| {
+                (
+                    entry.version,
+                    (!entry.deleted).then(|| entry.value.to_string()),
+                )
+            })
         })
     }
 
     /// Replaces `key`'s record with the version and value (`None`: a tombstone)
     /// that `new` picks given the record it holds now, if it picks one; keeps the
     /// counts. One walk down the tree. Returns whether it replaced the record.
-    fn update<'v>(
+    fn update(
         &mut self,
         key_id: NodeId,
         key: &str,
-        new: impl FnOnce(Option<Record<'_>>) -> Option<(u64, Option<&'v str>)>,
+        new: impl FnOnce(Option<Record<'_>>) -> Option<(u64, Option<String>)>,
     ) -> bool {
         use std::collections::btree_map::Entry;
         let slot = self.slots.entry(key_id);
@@ -343,6 +348,7 @@ impl Store {
         let Some((version, value)) = new(old.as_ref().map(|(_, r)| *r)) else {
             return false;
         };
+        let value = value.as_deref();
         let new_len = encoded_len(key, value);
         // Allocated at its final size: no growth and no shrinking.
         let mut bytes;

@@ -28,7 +28,7 @@ USAGE:
 
 OPTIONS:
     --leaf-set N       leaf set size |L| (even, 2..=64; default 16)
-    --replicas K       nodes that hold each key, the root included (1..=|L|/2+1;
+    --replicas K       nodes that hold each key, the root included (1..=|L|/2;
                        default 3)
     --heartbeat-ms MS  how often leaf sets are exchanged with neighbours, the
                        heartbeat (default 1000); a neighbour silent for 3
@@ -207,10 +207,10 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
             _ => log::LevelFilter::Info,
         },
     };
-    if replicas > leaf_set / 2 + 1 {
+    if replicas > leaf_set / 2 {
         return Err(format!(
-            "--replicas {replicas}: at most |L|/2 + 1 = {} with a leaf set of {leaf_set}, since a node sees only its leaf set",
-            leaf_set / 2 + 1
+            "--replicas {replicas}: at most |L|/2 = {} with a leaf set of {leaf_set}: a node sees only its leaf set, and nodes agree on who holds a key only if its k holders lie within |L|/2 of each other",
+            leaf_set / 2
         ));
     }
     Ok(Parsed::Run(Box::new(Options {

@@ -227,6 +227,14 @@ fn usage_errors_exit_two_with_a_short_message() {
         (&["127.0.0.1", "4000", "--leaf-set", "66"], "--leaf-set"),
         (&["127.0.0.1", "4000", "--leaf-set"], "needs a value"),
         (&["127.0.0.1", "4000", "--tick-ms", "5"], "--tick-ms"),
+        (
+            &["127.0.0.1", "4000", "--heartbeat-ms", "5"],
+            "--heartbeat-ms",
+        ),
+        (
+            &["127.0.0.1", "4000", "--leaf-set", "8", "--replicas", "5"],
+            "at most |L|/2 = 4",
+        ),
         (&["127.0.0.1", "4000", "--timeout-ms", "0"], "--timeout-ms"),
         (
             &["127.0.0.1", "4000", "--timeout-ms", "soon"],

@@ -45,6 +45,11 @@ pub enum Event {
     Probe(NodeInfo),
     /// A call to this peer failed: is it dead?
     Suspect(NodeInfo),
+    /// Several suspected peers, probed all at once: the maintenance thread
+    /// gathers the `Suspect` events waiting in its queue into one, so that a node
+    /// that loses many peers at once (its side of a partition) waits one probe
+    /// time for them all, not one per peer.
+    SuspectAll(Vec<NodeInfo>),
     /// Periodic work.
     Tick,
     /// Stop the thread.
@@ -78,13 +83,27 @@ pub fn handle_event(node: &Node, event: Event, transport: &dyn Transport) -> boo
                 }
             }
         }
+        Event::SuspectAll(peers) => {
+            let peers: Vec<NodeInfo> = peers
+                .into_iter()
+                .filter(|p| node.knows(&p.node_id))
+                .collect();
+            let answers = transport.proximity_all(&peers, lease(node));
+            for (peer, answer) in peers.into_iter().zip(answers) {
+                match answer {
+                    Ok(_) => node.heard_from(&peer.node_id),
+                    Err(_) => declare_dead(node, peer, transport),
+                }
+            }
+        }
         Event::Tick => {
             let tick = node.next_tick();
             // Members that have let their lease lapse are probed, and declared dead
             // if the probe fails too.
-            for peer in node.lapsed_leases() {
-                log::debug!("lease of {} lapsed; probing it", peer.node_id.short());
-                handle_event(node, Event::Suspect(peer), transport);
+            let lapsed = node.lapsed_leases();
+            if !lapsed.is_empty() {
+                log::debug!("{} leases lapsed; probing them", lapsed.len());
+                handle_event(node, Event::SuspectAll(lapsed), transport);
             }
             // The heartbeat: exchange leaf sets with every member, all at once, each
             // given no longer than a lease to answer.
@@ -106,16 +125,17 @@ pub fn handle_event(node: &Node, event: Event, transport: &dyn Transport) -> boo
             if rows > 0 {
                 let row = (tick % rows as u64) as usize;
                 let entries = node.routing_row(row);
-                for e in &entries {
-                    if node.is_stopping() {
-                        return false;
-                    }
-                    match transport.proximity_within(e, lease(node)) {
+                if node.is_stopping() {
+                    return false;
+                }
+                let answers = transport.proximity_all(&entries, lease(node));
+                for (e, answer) in entries.into_iter().zip(answers) {
+                    match answer {
                         Ok(p) => {
                             node.heard_from(&e.node_id);
-                            node.learn(*e, Some(p));
+                            node.learn(e, Some(p));
                         }
-                        Err(_) => declare_dead(node, *e, transport),
+                        Err(_) => declare_dead(node, e, transport),
                     }
                 }
                 let live = node.routing_row(row);
@@ -411,11 +431,15 @@ pub fn spawn(
         .name(format!("maintenance-{}", node.own().addr.port()))
         .spawn(move || {
             let mut next_tick = std::time::Instant::now() + tick;
+            // An event taken from the queue while gathering suspects, not yet handled.
+            let mut held: Option<Event> = None;
             loop {
                 // A tick is due even when events keep arriving: the heartbeat must
                 // not wait for a quiet moment.
                 let now = std::time::Instant::now();
-                let event = if now >= next_tick {
+                let event = if let Some(e) = held.take() {
+                    e
+                } else if now >= next_tick {
                     Event::Tick
                 } else {
                     match events.recv_timeout(next_tick - now) {
@@ -423,6 +447,25 @@ pub fn spawn(
                         Err(RecvTimeoutError::Timeout) => continue,
                         Err(RecvTimeoutError::Disconnected) => return,
                     }
+                };
+                // Suspects waiting behind this one are probed together with it;
+                // the first other event waits for the next turn.
+                let event = match event {
+                    Event::Suspect(first) => {
+                        let mut peers = vec![first];
+                        while let Ok(next) = events.try_recv() {
+                            match next {
+                                Event::Suspect(p) if !peers.contains(&p) => peers.push(p),
+                                Event::Suspect(_) => {}
+                                other => {
+                                    held = Some(other);
+                                    break;
+                                }
+                            }
+                        }
+                        Event::SuspectAll(peers)
+                    }
+                    other => other,
                 };
                 let is_tick = event == Event::Tick;
                 // Stopping takes priority over whatever is still queued.

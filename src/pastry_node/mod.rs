@@ -78,7 +78,7 @@ pub struct Config {
     /// cut off for longer could bring a deleted value back).
     pub tombstone_ttl: Duration,
     /// k: how many nodes hold each key (the root and its k - 1 nearest leaf-set
-    /// neighbours); at most |L|/2 + 1.
+    /// neighbours); at most |L|/2.
     pub replicas: usize,
     /// A line must arrive whole within this long of its first byte; a client that
     /// sends half a line and stalls is let go sooner than an idle one.
@@ -755,10 +755,14 @@ impl Node {
         k_closest(key_id, all, self.replicas())
     }
 
-    /// k, bounded by what the leaf set can see: |L|/2 + 1.
+    /// k, bounded by what the leaf set can see: |L|/2. With k = |L|/2 + 1 a node
+    /// at the edge of a key's replica set, as its own leaf set shows it, would
+    /// count itself in while nodes that see further count it out: it would never
+    /// hand the key over nor hear of its deletes, and, once the tombstone expired
+    /// elsewhere, bring the deleted value back (found by review, with a test).
     pub fn replicas(&self) -> usize {
         let c = &self.shared.config;
-        c.replicas.clamp(1, c.leaf_set_size / 2 + 1)
+        c.replicas.clamp(1, (c.leaf_set_size / 2).max(1))
     }
 
     /// What a replication round sends: for each node, the copies it should get

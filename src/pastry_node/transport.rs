@@ -78,6 +78,19 @@ pub trait Transport: Send + Sync {
         self.proximity(to)
     }
 
+    /// [`Transport::proximity_within`] for each of `peers`, all at once where the
+    /// transport can (over TCP, pings in parallel), in order.
+    fn proximity_all(
+        &self,
+        peers: &[NodeInfo],
+        timeout: Duration,
+    ) -> Vec<Result<u64, TransportError>> {
+        peers
+            .iter()
+            .map(|p| self.proximity_within(p, timeout))
+            .collect()
+    }
+
     /// Makes each call of `calls` as [`Transport::call_measured`] does, waiting at
     /// most `timeout` for each reply, and returns their results in order. A node
     /// uses it to reach many peers at once (its heartbeat to the leaf set, a
@@ -286,16 +299,37 @@ impl Transport for TcpTransport {
         self.proximity_within(to, self.call_timeout)
     }
 
+    fn proximity_all(
+        &self,
+        peers: &[NodeInfo],
+        timeout: Duration,
+    ) -> Vec<Result<u64, TransportError>> {
+        let calls: Vec<(NodeInfo, Request)> = peers.iter().map(|p| (*p, Request::Ping)).collect();
+        self.call_all(&calls, timeout)
+            .into_iter()
+            .zip(peers)
+            .map(|(answer, to)| pong_from(to, answer?))
+            .collect()
+    }
+
     fn proximity_within(&self, to: &NodeInfo, timeout: Duration) -> Result<u64, TransportError> {
-        match self.call_within(to, &Request::Ping, timeout.min(self.call_timeout))? {
-            (Reply::Pong { node_id, .. }, rtt) if node_id == to.node_id => Ok(rtt),
-            (Reply::Pong { node_id, .. }, _) => Err(TransportError::WrongNode(format!(
-                "{} answers as {node_id}, expected {}",
-                to.addr, to.node_id
-            ))),
-            (other, _) => Err(TransportError::Protocol(format!(
-                "expected pong, got {other:?}"
-            ))),
-        }
+        pong_from(
+            to,
+            self.call_within(to, &Request::Ping, timeout.min(self.call_timeout))?,
+        )
+    }
+}
+
+/// The round trip of a `ping` answered by `to`, if it answered as that node.
+fn pong_from(to: &NodeInfo, answer: (Reply, u64)) -> Result<u64, TransportError> {
+    match answer {
+        (Reply::Pong { node_id, .. }, rtt) if node_id == to.node_id => Ok(rtt),
+        (Reply::Pong { node_id, .. }, _) => Err(TransportError::WrongNode(format!(
+            "{} answers as {node_id}, expected {}",
+            to.addr, to.node_id
+        ))),
+        (other, _) => Err(TransportError::Protocol(format!(
+            "expected pong, got {other:?}"
+        ))),
     }
 }

@@ -572,7 +572,7 @@ pub fn handle(node: &Node, request: Request, transport: &dyn Transport) -> Reply
         } => {
             // Computed over the copies we should hold with the sender, bucketed as
             // the sender did.
-            let ours = node.digest_for(&from.node_id, Some(buckets.len()));
+            let ours = node.digest_for(&from.node_id, buckets.len());
             Reply::DigestDiff {
                 differing: ours.differing(&buckets),
             }

@@ -19,7 +19,7 @@
 //!
 //! Pure: no sockets, locks, clocks or logging.
 
-use crate::utils::NodeId;
+use crate::utils::{closer_to, NodeId, NodeInfo};
 
 /// About this many shared keys per bucket: a differing bucket costs sending
 /// this many copies, most of them already there.
@@ -89,6 +89,57 @@ impl Digest {
     }
 }
 
+/// The members of L ∪ {us} in ring order, so that the replica set of any key
+/// (its k closest members) is found in O(log |L| + k) steps instead of sorting
+/// all members for each key: a round walks every key a node holds.
+#[derive(Clone, Debug)]
+pub struct ReplicaRing {
+    nodes: Vec<NodeInfo>,
+}
+
+impl ReplicaRing {
+    pub fn new(mut nodes: Vec<NodeInfo>) -> ReplicaRing {
+        nodes.sort_by_key(|n| n.node_id);
+        nodes.dedup_by_key(|n| n.node_id);
+        ReplicaRing { nodes }
+    }
+
+    pub fn nodes(&self) -> &[NodeInfo] {
+        &self.nodes
+    }
+
+    /// The indices (into [`ReplicaRing::nodes`]) of the `k` members closest to
+    /// `key`, closest first: the same order as sorting by `closer_to`. Two
+    /// fingers start on either side of the key and move outwards, each step
+    /// taking the nearer of the two; a node past the antipode on one side is
+    /// nearer from the other side, where the other finger reaches it first.
+    pub fn replica_set(&self, key: &NodeId, k: usize, out: &mut Vec<usize>) {
+        out.clear();
+        let n = self.nodes.len();
+        if n == 0 {
+            return;
+        }
+        let mut right = self.nodes.partition_point(|m| m.node_id < *key) % n;
+        let mut left = (right + n - 1) % n;
+        for _ in 0..k.min(n) {
+            let pick = if out.len() + 1 == n || right == left {
+                right
+            } else {
+                match closer_to(key, &self.nodes[right].node_id, &self.nodes[left].node_id) {
+                    std::cmp::Ordering::Greater => left,
+                    _ => right,
+                }
+            };
+            out.push(pick);
+            if pick == right {
+                right = (right + 1) % n;
+            } else {
+                left = (left + n - 1) % n;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +178,38 @@ mod tests {
                 vec![bucket(key)],
                 "{key}"
             );
+        }
+    }
+
+    #[test]
+    fn the_ring_finds_the_same_replica_sets_as_sorting() {
+        let mut seed = 7u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut out = Vec::new();
+        for n in [1usize, 2, 3, 5, 17, 33] {
+            let nodes: Vec<NodeInfo> = (0..n)
+                .map(|_| {
+                    let port = (next() % 60_000) as u16 + 1;
+                    NodeInfo::new(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+                })
+                .collect();
+            let ring = ReplicaRing::new(nodes.clone());
+            for _ in 0..500 {
+                let key = NodeId::for_key(&next().to_string());
+                for k in [1, 3, 9, 40] {
+                    let mut sorted = ring.nodes().to_vec();
+                    sorted.sort_by(|a, b| closer_to(&key, &a.node_id, &b.node_id));
+                    sorted.truncate(k);
+                    ring.replica_set(&key, k, &mut out);
+                    let got: Vec<NodeInfo> = out.iter().map(|&i| ring.nodes()[i]).collect();
+                    assert_eq!(got, sorted, "n {n} k {k}");
+                }
+            }
         }
     }
 

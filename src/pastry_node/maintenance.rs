@@ -253,11 +253,10 @@ fn push_replicas(node: &Node, transport: &dyn Transport, round: &ReplicationRoun
 fn anti_entropy(node: &Node, transport: &dyn Transport) {
     let me = node.own();
     let mut sent = 0;
-    for peer in node.leaf_set_members() {
+    for (peer, digest) in node.digests() {
         if node.is_stopping() {
             return;
         }
-        let digest = node.digest_for(&peer.node_id, None);
         let buckets = digest.buckets.len();
         let request = Request::Digest {
             node: me,

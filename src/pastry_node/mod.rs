@@ -813,16 +813,87 @@ impl Node {
         out
     }
 
-    /// The keys that both we and `peer` should hold (both are in the key's
-    /// replica set as we see it), as an anti-entropy digest of `buckets` buckets,
-    /// or, if `None`, of as many as suit their number.
-    pub fn digest_for(&self, peer: &NodeId, buckets: Option<usize>) -> anti_entropy::Digest {
-        let mut shared = Vec::new();
-        self.for_each_shared(peer, |r| shared.push((r.key_id, r.version, r.deleted)));
-        let buckets = buckets.unwrap_or_else(|| anti_entropy::bucket_count(shared.len()));
+    /// L ∪ {us} as a ring, and our place in it.
+    fn replica_ring(&self) -> (anti_entropy::ReplicaRing, usize) {
+        let own = self.shared.own;
+        let mut members = self.leaf_set_members();
+        members.push(own);
+        let ring = anti_entropy::ReplicaRing::new(members);
+        let me = ring
+            .nodes()
+            .iter()
+            .position(|n| n.node_id == own.node_id)
+            .unwrap_or_default();
+        (ring, me)
+    }
+
+    /// (key id, version, tombstone) of every copy we hold, expired tombstones
+    /// left out (one side may have dropped its copy already: they must not make
+    /// digests differ). Copied out so that the store's lock is held only for a
+    /// quick walk, not while replica sets are worked out.
+    fn copies(&self) -> Vec<(NodeId, u64, bool)> {
+        let cutoff = self.tombstone_cutoff();
+        self.store()
+            .iter()
+            .filter(|r| !(r.deleted && r.version < cutoff))
+            .map(|r| (r.key_id, r.version, r.deleted))
+            .collect()
+    }
+
+    /// For each leaf-set member, the anti-entropy digest of the copies both it
+    /// and we should hold (both are in the key's replica set as we see it), in
+    /// one pass over our copies.
+    pub fn digests(&self) -> Vec<(NodeInfo, anti_entropy::Digest)> {
+        let (ring, me) = self.replica_ring();
+        let k = self.replicas();
+        let copies = self.copies();
+        // Which copies each member shares with us, as (copy, member) pairs.
+        let mut shared: Vec<(u32, u8)> = Vec::new();
+        let mut counts = vec![0usize; ring.nodes().len()];
+        let mut set = Vec::with_capacity(k);
+        for (c, (key_id, _, _)) in copies.iter().enumerate() {
+            ring.replica_set(key_id, k, &mut set);
+            if set.contains(&me) {
+                for &m in set.iter().filter(|&&m| m != me) {
+                    shared.push((c as u32, m as u8));
+                    counts[m] += 1;
+                }
+            }
+        }
+        let mut digests: Vec<anti_entropy::Digest> = counts
+            .iter()
+            .map(|&n| anti_entropy::Digest::new(anti_entropy::bucket_count(n)))
+            .collect();
+        for (c, m) in shared {
+            let (key_id, version, deleted) = &copies[c as usize];
+            digests[m as usize].add(key_id, *version, *deleted);
+        }
+        // A member we share nothing with gets no digest: what it holds that we
+        // should have, it sends us in its own round.
+        ring.nodes()
+            .iter()
+            .zip(digests)
+            .enumerate()
+            .filter(|(m, _)| *m != me && counts[*m] > 0)
+            .map(|(_, (n, d))| (*n, d))
+            .collect()
+    }
+
+    /// Our digest, in `buckets` buckets, of the copies both we and `peer`
+    /// should hold: how we answer a `digest` request.
+    pub fn digest_for(&self, peer: &NodeId, buckets: usize) -> anti_entropy::Digest {
         let mut digest = anti_entropy::Digest::new(buckets);
-        for (key_id, version, deleted) in shared {
-            digest.add(&key_id, version, deleted);
+        let (ring, me) = self.replica_ring();
+        let Some(p) = ring.nodes().iter().position(|n| n.node_id == *peer) else {
+            return digest;
+        };
+        let k = self.replicas();
+        let mut set = Vec::with_capacity(k);
+        for (key_id, version, deleted) in self.copies() {
+            ring.replica_set(&key_id, k, &mut set);
+            if set.contains(&me) && set.contains(&p) {
+                digest.add(&key_id, version, deleted);
+            }
         }
         digest
     }
@@ -835,68 +906,58 @@ impl Node {
         buckets: usize,
         differing: &[u32],
     ) -> Vec<KeyEntry> {
+        let (ring, me) = self.replica_ring();
+        let Some(p) = ring.nodes().iter().position(|n| n.node_id == *peer) else {
+            return Vec::new();
+        };
+        let k = self.replicas();
         let wanted: std::collections::HashSet<u32> = differing.iter().copied().collect();
+        let cutoff = self.tombstone_cutoff();
+        let mut set = Vec::with_capacity(k);
         let mut out = Vec::new();
-        self.for_each_shared(peer, |r| {
-            if wanted.contains(&(anti_entropy::bucket_of(&r.key_id, buckets) as u32)) {
+        let store = self.store();
+        for r in store.iter() {
+            if !wanted.contains(&(anti_entropy::bucket_of(&r.key_id, buckets) as u32))
+                || (r.deleted && r.version < cutoff)
+            {
+                continue;
+            }
+            ring.replica_set(&r.key_id, k, &mut set);
+            if set.contains(&me) && set.contains(&p) {
                 out.push(KeyEntry {
                     key: r.key.to_string(),
                     entry: r.versioned(),
                 });
             }
-        });
+        }
         out
-    }
-
-    /// Calls `f` on each copy we hold whose replica set, as we see it, holds
-    /// both us and `peer` (under the store's read lock: `f` must be quick).
-    fn for_each_shared(&self, peer: &NodeId, mut f: impl FnMut(&store::Record<'_>)) {
-        let own = self.shared.own;
-        let k = self.replicas();
-        let mut with_us = self.leaf_set_members();
-        if !with_us.iter().any(|n| n.node_id == *peer) {
-            return;
-        }
-        with_us.push(own);
-        // Expired tombstones are left out: one side may have dropped its copy
-        // already, and they must not make the digests differ.
-        let cutoff = self.tombstone_cutoff();
-        let store = self.store();
-        for r in store.iter().filter(|r| !(r.deleted && r.version < cutoff)) {
-            let set = k_closest(&r.key_id, with_us.clone(), k);
-            if set.contains(&own) && set.iter().any(|n| n.node_id == *peer) {
-                f(&r);
-            }
-        }
     }
 
     /// The copies we hold whose replica set, as we see it, does not include us
     /// (nodes have joined between us and the key), each with that replica set:
     /// once they all hold it, our copy can go.
     pub fn stale_copies(&self) -> Vec<(KeyEntry, Vec<NodeInfo>)> {
-        let own = self.shared.own;
-        let k = self.replicas();
-        let mut with_us = self.leaf_set_members();
-        if with_us.is_empty() {
+        let (ring, me) = self.replica_ring();
+        if ring.nodes().len() < 2 {
             return Vec::new();
         }
-        with_us.push(own);
+        let k = self.replicas();
+        let mut set = Vec::with_capacity(k);
+        let mut out = Vec::new();
         let store = self.store();
-        store
-            .iter()
-            .filter_map(|r| {
-                let set = k_closest(&r.key_id, with_us.clone(), k);
-                (!set.contains(&own)).then(|| {
-                    (
-                        KeyEntry {
-                            key: r.key.to_string(),
-                            entry: r.versioned(),
-                        },
-                        set,
-                    )
-                })
-            })
-            .collect()
+        for r in store.iter() {
+            ring.replica_set(&r.key_id, k, &mut set);
+            if !set.contains(&me) {
+                out.push((
+                    KeyEntry {
+                        key: r.key.to_string(),
+                        entry: r.versioned(),
+                    },
+                    set.iter().map(|&i| ring.nodes()[i]).collect(),
+                ));
+            }
+        }
+        out
     }
 
     /// Drops our copy of `key` if it is still at `version`.

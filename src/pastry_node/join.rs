@@ -86,8 +86,31 @@ pub fn join(
     // From here until our leaf set is confirmed we are inactive: a request for a
     // key we would be root of waits (see `message_handler::deliver`).
     node.set_active(false);
-    let reply = match transport.call(&boot, &Request::Join { node: me }) {
+    // Step 0: find a node near us to join through, starting from the bootstrap.
+    let found = match discover(node, boot, transport) {
+        Ok(found) => found,
+        Err(e) => {
+            node.set_active(true);
+            return Err(JoinError::Unreachable(bootstrap, e));
+        }
+    };
+    let mut via = found.nearest;
+    let mut messages = found.messages;
+    messages += 1;
+    let reply = match transport.call(&via, &Request::Join { node: me }) {
         Ok(reply) => reply,
+        // The node we found has gone since: the bootstrap will do.
+        Err(_) if via.node_id != boot.node_id => {
+            via = boot;
+            messages += 1;
+            match transport.call(&boot, &Request::Join { node: me }) {
+                Ok(reply) => reply,
+                Err(e) => {
+                    node.set_active(true);
+                    return Err(JoinError::Unreachable(bootstrap, e));
+                }
+            }
+        }
         Err(e) => {
             node.set_active(true);
             return Err(JoinError::Unreachable(bootstrap, e));
@@ -126,14 +149,14 @@ pub fn join(
         .chain(leaf_set)
         .filter(|n| fresh(n))
         .collect();
-    let mut messages = 1 + announce(node, transport, nearest.clone());
+    messages += announce(node, transport, nearest.clone());
     node.set_active(true);
     // Phase two, the routing table and neighborhood set: the rest of what the
     // path told us. Each announcement measures the node's proximity too (its
     // round trip), so each candidate costs one message, not a probe and an
     // announcement. Nodes the replies name that we lack are measured by the
     // maintenance thread, and announced to if they enter our leaf set.
-    let others: Vec<NodeInfo> = std::iter::once(boot)
+    let others: Vec<NodeInfo> = std::iter::once(via)
         .chain(path.iter().copied())
         .chain(rows)
         .chain(neighborhood)
@@ -212,4 +235,162 @@ pub fn announce_within(
         }
     }
     calls.len()
+}
+
+/// What nearest-neighbour discovery found.
+#[derive(Clone, Copy, Debug)]
+pub struct Discovery {
+    /// The nearest node found, the one to join through.
+    pub nearest: NodeInfo,
+    /// Its proximity to us, as we measured it.
+    pub proximity: u64,
+    /// `status` requests sent (each one also measured the node asked).
+    pub messages: usize,
+}
+
+/// A node's state as its `status` reply shows it, for discovery: its leaf set,
+/// its routing table by row and its neighborhood set, each entry with the
+/// proximity the node measured to it, if any.
+struct Seen {
+    leaf_set: Vec<NodeInfo>,
+    rows: Vec<Vec<(NodeInfo, Option<u64>)>>,
+    neighborhood: Vec<(NodeInfo, Option<u64>)>,
+}
+
+impl Seen {
+    fn from_reply(reply: Reply, expected: &NodeId) -> Option<Seen> {
+        let Reply::Status {
+            node_id,
+            leaf_set,
+            routing_table,
+            neighborhood,
+            ..
+        } = reply
+        else {
+            return None;
+        };
+        if node_id != *expected {
+            return None;
+        }
+        let info = |node_id, addr| NodeInfo { node_id, addr };
+        let mut rows: Vec<Vec<(NodeInfo, Option<u64>)>> = Vec::new();
+        for e in routing_table {
+            // Rows past the id's digits cannot exist: a reply naming one is bogus,
+            // and its entry is skipped rather than trusted with a huge allocation.
+            if e.row >= crate::utils::DIGITS {
+                continue;
+            }
+            if rows.len() <= e.row {
+                rows.resize(e.row + 1, Vec::new());
+            }
+            rows[e.row].push((info(e.node_id, e.addr), e.proximity));
+        }
+        Some(Seen {
+            leaf_set: leaf_set.smaller.into_iter().chain(leaf_set.larger).collect(),
+            rows,
+            neighborhood: neighborhood
+                .into_iter()
+                .map(|m| (info(m.node_id, m.addr), Some(m.proximity)))
+                .collect(),
+        })
+    }
+}
+
+/// Nearest-neighbour discovery (Castro, Druschel, Hu and Rowstron, "Exploiting
+/// network proximity in peer-to-peer overlay networks", 2002): finds a node near
+/// us, starting from `boot`, which may be anywhere.
+///
+/// 1. Ask the bootstrap for its state and measure the members of its leaf set:
+///    their ids are close to the bootstrap's, so they are spread at random over
+///    the network, and the nearest of them is a fair start.
+/// 2. From the nearest node so far, walk its routing table from the bottom row up
+///    to row 0: measure the row's entries and move to the nearest. Entries of the
+///    bottom rows are few and far apart (they match many digits), entries of row
+///    0 are the nearest nodes to their holder: the walk takes long strides first,
+///    short ones last.
+/// 3. At row 0, also measure the current node's neighborhood set, and repeat
+///    while a nearer node turns up.
+///
+/// Each measurement is a `status` request: its round trip is the proximity, and
+/// its reply is the state the next step needs, so no node is asked twice.
+///
+/// Deviation, to keep the cost within the paper's join budget: an entry is
+/// measured only if the triangle inequality leaves it a chance to be nearer than
+/// the current node. The node we stand on measured its entry e; if
+/// prox(here, e) >= 2 * prox(us, here), then prox(us, e) >= prox(us, here) and e
+/// is skipped. Round-trip times keep the inequality only roughly, so this may
+/// skip a node that was a little nearer.
+///
+/// Every node measured answered as the node it was named, so it is learned at
+/// its measured proximity: discovery seeds our routing table and neighborhood
+/// set with near nodes before the join starts.
+pub fn discover(
+    node: &Node,
+    boot: NodeInfo,
+    transport: &dyn Transport,
+) -> Result<Discovery, TransportError> {
+    let me = node.own().node_id;
+    let timeout = node.config().call_timeout;
+    let (reply, p) = transport.call_measured(&boot, &Request::Status)?;
+    let mut messages = 1;
+    let Some(seen) = Seen::from_reply(reply, &boot.node_id) else {
+        // Not a node we can walk from (an old version, or a liar): join through
+        // it as given.
+        return Ok(Discovery {
+            nearest: boot,
+            proximity: p,
+            messages,
+        });
+    };
+    node.learn(boot, Some(p));
+    let mut asked: HashSet<NodeId> = HashSet::from([me, boot.node_id]);
+    let mut here = (boot, p, seen);
+    // Measures `candidates` (those not asked yet and not ruled out by the
+    // triangle inequality), and moves `here` to the nearest if it is nearer.
+    // Returns whether it moved.
+    let mut step = |here: &mut (NodeInfo, u64, Seen),
+                    candidates: Vec<(NodeInfo, Option<u64>)>,
+                    messages: &mut usize| {
+        let bound = here.1.saturating_mul(2);
+        let calls: Vec<(NodeInfo, Request)> = candidates
+            .into_iter()
+            .filter(|(_, from_here)| from_here.is_none_or(|d| d < bound))
+            .filter(|(n, _)| n.is_genuine() && asked.insert(n.node_id))
+            .map(|(n, _)| (n, Request::Status))
+            .collect();
+        *messages += calls.len();
+        let mut moved = false;
+        for ((n, _), result) in calls.iter().zip(transport.call_all(&calls, timeout)) {
+            let Ok((reply, p)) = result else { continue };
+            let Some(seen) = Seen::from_reply(reply, &n.node_id) else {
+                continue;
+            };
+            node.learn(*n, Some(p));
+            if p < here.1 {
+                *here = (*n, p, seen);
+                moved = true;
+            }
+        }
+        moved
+    };
+    let leaf_set = here.2.leaf_set.iter().map(|n| (*n, None)).collect();
+    step(&mut here, leaf_set, &mut messages);
+    let mut row = here.2.rows.len().saturating_sub(1);
+    loop {
+        let mut candidates = here.2.rows.get(row).cloned().unwrap_or_default();
+        if row == 0 {
+            candidates.extend(here.2.neighborhood.iter().copied());
+        }
+        let moved = step(&mut here, candidates, &mut messages);
+        if row > 0 {
+            row -= 1;
+        } else if !moved {
+            break;
+        }
+    }
+    Ok(Discovery {
+        nearest: here.0,
+        proximity: here.1,
+        messages,
+    })
 }

@@ -114,6 +114,9 @@ struct Counters {
     announce: AtomicU64,
     /// Proximity probes (`ping` over TCP).
     probe: AtomicU64,
+    /// `status`: a joining node's nearest-neighbour discovery (see
+    /// `join::discover`), which measures each node it asks.
+    discovery: AtomicU64,
     /// Anything else (e.g. routing-table repair).
     other: AtomicU64,
 }
@@ -124,12 +127,13 @@ pub struct Messages {
     pub routed: u64,
     pub announce: u64,
     pub probe: u64,
+    pub discovery: u64,
     pub other: u64,
 }
 
 impl Messages {
     pub fn total(&self) -> u64 {
-        self.routed + self.announce + self.probe + self.other
+        self.routed + self.announce + self.probe + self.discovery + self.other
     }
 
     fn since(&self, before: &Messages) -> Messages {
@@ -137,6 +141,7 @@ impl Messages {
             routed: self.routed - before.routed,
             announce: self.announce - before.announce,
             probe: self.probe - before.probe,
+            discovery: self.discovery - before.discovery,
             other: self.other - before.other,
         }
     }
@@ -196,6 +201,7 @@ impl SimLink<'_> {
             Request::Join { .. } | Request::Forward { .. } => &c.routed,
             Request::Announce { .. } => &c.announce,
             Request::Ping => &c.probe,
+            Request::Status => &c.discovery,
             _ => &c.other,
         }
         .fetch_add(1, Ordering::Relaxed);
@@ -305,6 +311,7 @@ impl Network {
             routed: c.routed.load(Ordering::Relaxed),
             announce: c.announce.load(Ordering::Relaxed),
             probe: c.probe.load(Ordering::Relaxed),
+            discovery: c.discovery.load(Ordering::Relaxed),
             other: c.other.load(Ordering::Relaxed),
         }
     }

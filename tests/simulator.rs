@@ -121,3 +121,45 @@ fn churn_loses_no_acknowledged_key() {
     assert_eq!(c.lost, 0, "acknowledged keys lost");
     assert_eq!(c.failed_during, 0, "reads that failed during churn");
 }
+
+/// Total distance travelled over total direct distance, over `count` lookups.
+fn stretch(net: &mut Network, count: usize) -> f64 {
+    let ring = net.ring();
+    let (mut travelled, mut direct) = (0.0, 0.0);
+    for _ in 0..count {
+        let from = ring[net.rng().below(ring.len())].1;
+        let key = format!("key-{:016x}", net.rng().next_u64());
+        if let Some((t, d)) = net.lookup(&ring, from, &key).stretch {
+            travelled += t;
+            direct += d;
+        }
+    }
+    travelled / direct
+}
+
+/// Nearest-neighbour discovery is what brings route stretch near the paper's: the
+/// same network built with it and without it (each node joining through a random
+/// bootstrap as given).
+#[test]
+fn nearest_neighbour_discovery_lowers_route_stretch() {
+    const NODES: usize = 600;
+    let with_width = |width: usize| {
+        let config = Config {
+            discovery_width: width,
+            ..Config::default()
+        };
+        let mut net = Network::new(3, Proximity::Plane, config);
+        for k in 0..NODES {
+            net.add_node()
+                .unwrap_or_else(|e| panic!("join {k} failed: {e}"));
+        }
+        stretch(&mut net, 5_000)
+    };
+    let without = with_width(0);
+    let with = with_width(Config::default().discovery_width);
+    println!("route stretch at {NODES} nodes: {with:.3} with discovery, {without:.3} without");
+    assert!(
+        with < 1.55 && with < without - 0.25,
+        "stretch with discovery {with:.3}, without {without:.3}"
+    );
+}

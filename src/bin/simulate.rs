@@ -15,7 +15,7 @@ use pastry::pastry_node::Config;
 use pastry::simulator::{Lookup, Messages, Network, Proximity};
 use serde_json::{json, Value};
 
-const USAGE: &str = "usage: simulate [--nodes N] [--lookups L] [--seed S] [--leaf-set N] [--proximity plane|none] [--fail FRACTION] [--churn ROUNDS] [--json] [--plot FILE.svg]";
+const USAGE: &str = "usage: simulate [--nodes N] [--lookups L] [--seed S] [--leaf-set N] [--proximity plane|none] [--discovery-width N] [--fail FRACTION] [--churn ROUNDS] [--json] [--plot FILE.svg]";
 
 const HELP: &str = "\
 simulate: a Pastry network of N nodes in one process, built by the node's own join
@@ -29,6 +29,9 @@ OPTIONS:
     --proximity plane|none  plane: routing-table entries chosen by Euclidean distance
                             in a unit square, as in the paper (default); none: every
                             node equally near, to measure what locality buys
+    --discovery-width N     most nodes a joiner measures at each step of its
+                            nearest-neighbour discovery (default 16); 0: no
+                            discovery, join through the random bootstrap
     --fail FRACTION         after the fresh measurement, that share of nodes fails
                             silently; lookups are measured right after, after leaf-set
                             repair and after routing-table repair
@@ -46,6 +49,7 @@ struct Options {
     seed: u64,
     leaf_set: usize,
     proximity: Proximity,
+    discovery_width: usize,
     fail: Option<f64>,
     churn: Option<usize>,
     json: bool,
@@ -59,6 +63,7 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
         seed: 1,
         leaf_set: 16,
         proximity: Proximity::Plane,
+        discovery_width: pastry::pastry_node::DISCOVERY_WIDTH,
         fail: None,
         churn: None,
         json: false,
@@ -84,6 +89,7 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
                     other => return Err(format!("--proximity {other:?}: use plane or none")),
                 }
             }
+            "--discovery-width" => o.discovery_width = number(&value(a)?, a)?,
             "--fail" => {
                 let f: f64 = value(a)?
                     .parse()
@@ -252,6 +258,7 @@ fn main() -> ExitCode {
     };
     let config = Config {
         leaf_set_size: o.leaf_set,
+        discovery_width: o.discovery_width,
         ..Config::default()
     };
     let mut net = Network::new(o.seed, o.proximity, config);
@@ -288,6 +295,7 @@ fn main() -> ExitCode {
     let join_total_max = join_msgs.iter().map(|m| m.total()).max().unwrap_or(0);
     let join_protocol_mean = mean(&|m| m.routed + m.announce);
     let join_probe_mean = mean(&|m| m.probe);
+    let join_discovery_mean = mean(&|m| m.discovery);
     let ideal_share = net.ideal_leaf_set_share();
     let rt_mean = (0..net.len())
         .map(|i| net.node(i).routing_table_len() as f64)
@@ -367,6 +375,8 @@ fn main() -> ExitCode {
                 "messages_max": join_total_max,
                 "protocol_messages_mean": join_protocol_mean,
                 "probes_mean": join_probe_mean,
+                "discovery_mean": join_discovery_mean,
+                "discovery_width": o.discovery_width,
                 "paper_bound": join_bound,
             },
             "routing_table_entries_mean": rt_mean,
@@ -468,6 +478,11 @@ fn main() -> ExitCode {
             "  of which proximity probes",
             format!("{join_probe_mean:.0}"),
             String::new(),
+        );
+        row(
+            "  of which discovery (status)",
+            format!("{join_discovery_mean:.0}"),
+            format!("width {}", o.discovery_width),
         );
         row(
             "routing-table entries per node",

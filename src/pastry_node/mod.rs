@@ -96,6 +96,11 @@ pub struct Config {
     /// Most node-to-node forwards of one message; a message that arrives with more
     /// is refused (hop cap).
     pub max_hops: u32,
+    /// Most nodes a joining node measures at each step of nearest-neighbour
+    /// discovery (see [`join::discover`]); 0 turns discovery off, and the node
+    /// joins through its bootstrap as given. Wider finds a nearer node to join
+    /// through (lower route stretch) at more messages per join.
+    pub discovery_width: usize,
 }
 
 impl Default for Config {
@@ -119,9 +124,14 @@ impl Default for Config {
             max_store_keys: 1_000_000,
             max_store_bytes: 256 << 20,
             max_hops: crate::utils::MAX_HOPS,
+            discovery_width: DISCOVERY_WIDTH,
         }
     }
 }
+
+/// The default [`Config::discovery_width`]; see the README's "Reproducing the
+/// paper" for what each width costs and buys.
+pub const DISCOVERY_WIDTH: usize = 16;
 
 /// Most nodes queued for a probe at once (see [`Node::hear_of`]).
 pub const MAX_PENDING_PROBES: usize = 1024;

@@ -77,6 +77,12 @@ impl Digest {
         self.buckets[b] = self.buckets[b].wrapping_add(entry_hash(key_id, version, deleted));
     }
 
+    /// Takes a copy out again (it was replaced or dropped): sums are reversible.
+    pub fn remove(&mut self, key_id: &NodeId, version: u64, deleted: bool) {
+        let b = bucket_of(key_id, self.buckets.len());
+        self.buckets[b] = self.buckets[b].wrapping_sub(entry_hash(key_id, version, deleted));
+    }
+
     /// The buckets in which `other` differs from us (both must have as many).
     pub fn differing(&self, other: &[u64]) -> Vec<u32> {
         self.buckets
@@ -211,6 +217,15 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn removing_a_copy_undoes_adding_it() {
+        let mut d = digest(&[("a", 1, false), ("b", 2, false)], 8);
+        let before = d.clone();
+        d.add(&NodeId::for_key("c"), 3, false);
+        d.remove(&NodeId::for_key("c"), 3, false);
+        assert_eq!(d, before);
     }
 
     #[test]

@@ -249,8 +249,10 @@ fn push_replicas(node: &Node, transport: &dyn Transport, round: &ReplicationRoun
 ///    hold, and send the copies in the buckets that differ;
 /// 2. hand each copy we hold but no longer should (nodes joined between us and
 ///    its key) to its replica set, and drop it once every member has taken it;
-/// 3. drop tombstones older than their lifetime.
+/// 3. (first of all) drop tombstones older than their lifetime.
 fn anti_entropy(node: &Node, transport: &dyn Transport) {
+    // First, so that the digests made next (and cached) are not made stale by it.
+    node.expire_tombstones();
     let me = node.own();
     let mut sent = 0;
     for (peer, digest) in node.digests() {
@@ -282,7 +284,6 @@ fn anti_entropy(node: &Node, transport: &dyn Transport) {
     // every member of its replica set took the batch that carried it.
     let stale = node.stale_copies();
     if stale.is_empty() {
-        node.expire_tombstones();
         return;
     }
     let mut per_peer: std::collections::HashMap<NodeInfo, Vec<KeyEntry>> = Default::default();
@@ -310,7 +311,6 @@ fn anti_entropy(node: &Node, transport: &dyn Transport) {
     if dropped > 0 {
         log::info!("dropped {dropped} copies now held by their replica sets");
     }
-    node.expire_tombstones();
 }
 
 /// A leaving node's hand-off: every key it holds goes to the nodes that hold it

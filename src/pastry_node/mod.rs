@@ -183,6 +183,9 @@ struct Shared {
     active: AtomicBool,
     activation: Mutex<()>,
     activated: Condvar,
+    /// Our digests from the last anti-entropy round, kept up to date as copies
+    /// change, so that answering a peer's `digest` costs no walk of the store.
+    digest_cache: Mutex<Option<DigestCache>>,
     /// The leaf set at the last replication round.
     last_replicated_leaf_set: Mutex<Vec<NodeInfo>>,
     /// Nodes declared dead lately, with the tick of their death, least recently
@@ -210,6 +213,15 @@ pub enum ReplicationRound {
     /// We are leaving: every key to the k nodes of our leaf set closest to it,
     /// its replica set once we have gone.
     Leaving,
+}
+
+/// A node's anti-entropy digests as of its last round (see `Node::digests`).
+struct DigestCache {
+    ring: anti_entropy::ReplicaRing,
+    me: usize,
+    k: usize,
+    /// One per ring member: `None` for us and for members we share nothing with.
+    digests: Vec<Option<anti_entropy::Digest>>,
 }
 
 /// What replication work a tick has to do.
@@ -286,6 +298,7 @@ impl Node {
                 active: AtomicBool::new(true),
                 activation: Mutex::new(()),
                 activated: Condvar::new(),
+                digest_cache: Mutex::new(None),
                 last_replicated_leaf_set: Mutex::new(Vec::new()),
                 departed: Mutex::new(VecDeque::new()),
                 started: Instant::now(),
@@ -711,7 +724,12 @@ impl Node {
         if !fits {
             return Err(StoreFull);
         }
-        Ok(store.write(key, value, now_ms))
+        let old = store.record(key).map(|r| (r.version, r.deleted));
+        let written = store.write(key, value, now_ms);
+        drop(store);
+        let new = Some((written.version, written.deleted));
+        self.digest_change(&NodeId::for_key(key), old, new);
+        Ok(written)
     }
 
     /// Takes in a copy of `key` from another node if it is newer than ours.
@@ -726,13 +744,18 @@ impl Node {
         let c = &self.shared.config;
         let charge = store::charge(key, &entry);
         let mut store = self.store_mut();
-        let newer = store
-            .record(key)
-            .is_none_or(|old| (entry.version, entry.deleted) > (old.version, old.deleted));
+        let old = store.record(key).map(|r| (r.version, r.deleted));
+        let newer = old.is_none_or(|old| (entry.version, entry.deleted) > old);
         if newer && !store.fits(key, charge, c.max_store_keys, c.max_store_bytes) {
             return Err(StoreFull);
         }
-        Ok(store.apply(key, entry))
+        let new = (entry.version, entry.deleted);
+        let applied = store.apply(key, entry);
+        drop(store);
+        if applied {
+            self.digest_change(&NodeId::for_key(key), old, Some(new));
+        }
+        Ok(applied)
     }
 
     /// Tombstones with a version below this have outlived `tombstone_ttl`.
@@ -880,20 +903,84 @@ impl Node {
         }
         // A member we share nothing with gets no digest: what it holds that we
         // should have, it sends us in its own round.
-        ring.nodes()
+        let out: Vec<(NodeInfo, anti_entropy::Digest)> = ring
+            .nodes()
             .iter()
-            .zip(digests)
+            .zip(&digests)
             .enumerate()
             .filter(|(m, _)| *m != me && counts[*m] > 0)
-            .map(|(_, (n, d))| (*n, d))
-            .collect()
+            .map(|(_, (n, d))| (*n, d.clone()))
+            .collect();
+        // Kept for answering the members' own digests until the next round. A
+        // write between the copy above and this line is missing from it: the
+        // member then sees a bucket differ and gets ~32 copies it may have, and
+        // the next round starts afresh.
+        let digests = digests
+            .into_iter()
+            .enumerate()
+            .map(|(m, d)| (m != me && counts[m] > 0).then_some(d))
+            .collect();
+        *self.digest_cache() = Some(DigestCache {
+            ring,
+            me,
+            k,
+            digests,
+        });
+        out
+    }
+
+    fn digest_cache(&self) -> std::sync::MutexGuard<'_, Option<DigestCache>> {
+        self.shared
+            .digest_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps the cached digests true when a copy changes: `old` and `new` are
+    /// (version, tombstone) before and after, `None` for no copy.
+    fn digest_change(&self, key_id: &NodeId, old: Option<(u64, bool)>, new: Option<(u64, bool)>) {
+        let mut cache = self.digest_cache();
+        let Some(c) = cache.as_mut() else {
+            return;
+        };
+        let mut set = Vec::with_capacity(c.k);
+        c.ring.replica_set(key_id, c.k, &mut set);
+        if !set.contains(&c.me) {
+            return;
+        }
+        for m in set {
+            if let Some(Some(d)) = c.digests.get_mut(m) {
+                if let Some((version, deleted)) = old {
+                    d.remove(key_id, version, deleted);
+                }
+                if let Some((version, deleted)) = new {
+                    d.add(key_id, version, deleted);
+                }
+            }
+        }
     }
 
     /// Our digest, in `buckets` buckets, of the copies both we and `peer`
     /// should hold: how we answer a `digest` request.
     pub fn digest_for(&self, peer: &NodeId, buckets: usize) -> anti_entropy::Digest {
-        let mut digest = anti_entropy::Digest::new(buckets);
         let (ring, me) = self.replica_ring();
+        // From the cache when it was made with the same leaf set and buckets.
+        {
+            let cache = self.digest_cache();
+            if let Some(c) = cache.as_ref() {
+                let same_ring = c.ring.nodes() == ring.nodes() && c.k == self.replicas();
+                let cached = c
+                    .ring
+                    .nodes()
+                    .iter()
+                    .position(|n| n.node_id == *peer)
+                    .and_then(|m| c.digests[m].as_ref());
+                if let Some(d) = cached.filter(|d| same_ring && d.buckets.len() == buckets) {
+                    return d.clone();
+                }
+            }
+        }
+        let mut digest = anti_entropy::Digest::new(buckets);
         let Some(p) = ring.nodes().iter().position(|n| n.node_id == *peer) else {
             return digest;
         };
@@ -972,8 +1059,12 @@ impl Node {
 
     /// Drops our copy of `key` if it is still at `version`.
     pub fn drop_copy(&self, key: &str, version: u64) -> bool {
-        let dropped = self.store_mut().remove_version(key, version);
+        let mut store = self.store_mut();
+        let old = store.record(key).map(|r| (r.version, r.deleted));
+        let dropped = store.remove_version(key, version);
+        drop(store);
         if dropped {
+            self.digest_change(&NodeId::for_key(key), old, None);
             self.shared
                 .stats
                 .copies_dropped
@@ -993,7 +1084,12 @@ impl Node {
             return 0;
         }
         let cutoff = self.tombstone_cutoff();
-        self.store_mut().remove_tombstones_before(cutoff)
+        let removed = self.store_mut().remove_tombstones_before(cutoff);
+        if removed > 0 {
+            // Which copies went is not known here: the next round starts afresh.
+            *self.digest_cache() = None;
+        }
+        removed
     }
 
     /// Which replication work is due at this tick, if any: the periodic
@@ -1225,5 +1321,70 @@ impl RunningNode {
 impl Drop for RunningNode {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A node with `n` leaf-set members (never contacted: nothing here sends).
+    fn node_with_leaf_set(n: u16) -> Node {
+        let (node, _events) =
+            Node::new(SocketAddr::from(([127, 0, 0, 1], 4000)), Config::default());
+        for p in 1..=n {
+            let peer = NodeInfo::new(SocketAddr::from(([127, 0, 0, 2], 5000 + p)));
+            node.learn(peer, Some(1));
+        }
+        node
+    }
+
+    /// The cached digests, kept up to date through writes, copies taken,
+    /// deletes and dropped copies, equal digests made afresh from the store.
+    #[test]
+    fn cached_digests_stay_equal_to_fresh_ones() {
+        let node = node_with_leaf_set(16);
+        for i in 0..3000 {
+            node.store_write(&format!("k{i}"), Some(json!(i))).unwrap();
+        }
+        let round = node.digests();
+        assert!(!round.is_empty());
+        for i in 0..3000 {
+            match i % 4 {
+                0 => {
+                    node.store_write(&format!("k{i}"), Some(json!("new")))
+                        .unwrap();
+                }
+                1 => {
+                    node.store_write(&format!("k{i}"), None).unwrap();
+                }
+                2 => {
+                    let e = node.store_entry(&format!("k{i}")).unwrap();
+                    node.drop_copy(&format!("k{i}"), e.version);
+                }
+                _ => {
+                    let copy = Versioned {
+                        version: u64::MAX / 2,
+                        deleted: false,
+                        value: json!("copy"),
+                    };
+                    node.store_apply(&format!("new{i}"), copy).unwrap();
+                }
+            }
+        }
+        let cached: Vec<_> = round
+            .iter()
+            .map(|(peer, d)| node.digest_for(&peer.node_id, d.buckets.len()))
+            .collect();
+        *node.digest_cache() = None;
+        let mut compared = 0;
+        for ((peer, d), cached) in round.iter().zip(cached) {
+            let fresh = node.digest_for(&peer.node_id, d.buckets.len());
+            assert_eq!(cached, fresh, "peer {}", peer.node_id);
+            assert_ne!(&cached, d, "the writes changed the digest");
+            compared += 1;
+        }
+        assert!(compared > 0);
     }
 }

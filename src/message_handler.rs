@@ -748,7 +748,9 @@ fn route_op(node: &Node, op: Op, hops: u32, transport: &dyn Transport) -> Reply 
     // confirmed: until then a node it has not heard of yet may be the true root
     // (MSPastry's consistent routing). Activation takes one round of
     // announcements, so the request waits for it.
-    if !node.wait_active(node.config().call_timeout) {
+    // Half a call's timeout, so that the node that forwarded the request here
+    // hears "still joining" before its own wait runs out and it takes us for dead.
+    if !node.wait_active(node.config().call_timeout / 2) {
         return Reply::error(
             code::JOINING,
             "this node is still joining the network and cannot route yet; try again shortly",

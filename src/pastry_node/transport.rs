@@ -279,16 +279,25 @@ impl Transport for TcpTransport {
         let mut results = Vec::with_capacity(calls.len());
         for group in calls.chunks(PARALLEL_CALLS) {
             std::thread::scope(|s| {
+                // A thread that cannot be had (the process is at its limit) is not
+                // a reason to fail: that call is made here, after the others.
                 let calls: Vec<_> = group
                     .iter()
-                    .map(|(to, request)| s.spawn(move || self.call_within(to, request, timeout)))
+                    .map(|(to, request)| {
+                        std::thread::Builder::new()
+                            .spawn_scoped(s, move || self.call_within(to, request, timeout))
+                            .map_err(|_| (to, request))
+                    })
                     .collect();
                 for call in calls {
-                    results.push(call.join().unwrap_or_else(|_| {
-                        Err(TransportError::Protocol(
-                            "the calling thread panicked".into(),
-                        ))
-                    }));
+                    results.push(match call {
+                        Ok(thread) => thread.join().unwrap_or_else(|_| {
+                            Err(TransportError::Protocol(
+                                "the calling thread panicked".into(),
+                            ))
+                        }),
+                        Err((to, request)) => self.call_within(to, request, timeout),
+                    });
                 }
             });
         }

@@ -20,6 +20,22 @@ use pastry::utils::{closer_to, NodeId, NodeInfo};
 use serde_json::json;
 use support::{start_node, wait_until};
 
+/// What a node alone in its network answers to `ping` and `announce`.
+fn alone(me: &NodeInfo, request: &Request) -> Option<Reply> {
+    match request {
+        Request::Ping => Some(Reply::Pong {
+            node_id: me.node_id,
+            addr: me.addr,
+        }),
+        Request::Announce { .. } => Some(Reply::LeafSet {
+            node: *me,
+            leaf_set: vec![],
+            rows: vec![],
+        }),
+        _ => None,
+    }
+}
+
 /// How a scripted peer answers a request; `None`: it does not answer.
 type Script = Arc<dyn Fn(&NodeInfo, Request) -> Option<Reply> + Send + Sync>;
 
@@ -35,15 +51,7 @@ impl ScriptedPeer {
     /// A peer that answers `ping` and `announce` as a node with an empty leaf set.
     fn start() -> ScriptedPeer {
         ScriptedPeer::with_script(Arc::new(|me: &NodeInfo, request| match request {
-            Request::Ping => Some(Reply::Pong {
-                node_id: me.node_id,
-                addr: me.addr,
-            }),
-            Request::Announce { .. } => Some(Reply::LeafSet {
-                node: *me,
-                leaf_set: vec![],
-                rows: vec![],
-            }),
+            Request::Ping | Request::Announce { .. } => alone(me, &request),
             _ => Some(Reply::error(
                 -32601,
                 "the scripted peer only answers ping and announce",
@@ -209,15 +217,7 @@ fn a_joining_node_does_not_act_as_root_before_its_leaf_set_is_confirmed() {
                     hops: 0,
                 })
             }
-            Request::Ping => Some(Reply::Pong {
-                node_id: me.node_id,
-                addr: me.addr,
-            }),
-            Request::Announce { .. } => Some(Reply::LeafSet {
-                node: *me,
-                leaf_set: vec![],
-                rows: vec![],
-            }),
+            Request::Ping | Request::Announce { .. } => alone(me, &request),
             Request::Forward {
                 hops,
                 op: Op::Put { key, .. },

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use pastry::pastry_node::{Config, RunningNode};
 
-const USAGE: &str = "usage: pastry-node <ip> <port> [<bootstrap-ip> <bootstrap-port>] [--leaf-set N] [--replicas K] [--heartbeat-ms MS] [--timeout-ms MS] [--log-level LEVEL] [limits: --max-line B --max-key B --max-value B --max-keys N --max-store-bytes B --max-connections N --max-hops N --line-timeout-ms MS --idle-timeout-ms MS]";
+const USAGE: &str = "usage: pastry-node <ip> <port> [<bootstrap-ip> <bootstrap-port>] [--leaf-set N] [--replicas K] [--heartbeat-ms MS] [--timeout-ms MS] [--discovery-width N] [--log-level LEVEL] [limits: --max-line B --max-key B --max-value B --max-keys N --max-store-bytes B --max-connections N --max-hops N --line-timeout-ms MS --idle-timeout-ms MS]";
 
 const HELP: &str = "\
 pastry-node: one node of a Pastry distributed hash table.
@@ -33,9 +33,10 @@ OPTIONS:
     --heartbeat-ms MS  how often leaf sets are exchanged with neighbours, the
                        heartbeat (default 1000); a neighbour silent for 3
                        heartbeats is probed, and declared dead if it stays silent
-    --timeout-ms MS    longest wait for another node's reply (default 5000); a
-                       silent peer is found dead only after it, so on a fast
-                       network a shorter one finds failures sooner
+    --timeout-ms MS    longest wait for another node's reply (default 5000)
+    --discovery-width N  before joining, walk from the bootstrap toward a node
+                       near this one, measuring at most N nodes a step
+                       (default 16; 0: join through the bootstrap as given)
     --log-level LEVEL  off, error, warn, info, debug or trace (default info; or set
                        the PASTRY_LOG environment variable)
 
@@ -67,7 +68,8 @@ struct Options {
     tick_ms: u64,
     timeout_ms: u64,
     log_level: log::LevelFilter,
-    /// The limits, as `Config` fields (the other fields are set in `run`).
+    /// The limits and the discovery width, as `Config` fields (the other fields
+    /// are set in `run`).
     limits: Config,
 }
 
@@ -151,6 +153,7 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
                 })?;
             }
             "--log-level" => log_level = Some(parse_level(&value("--log-level")?)?),
+            "--discovery-width" => limits.discovery_width = count(arg, &value(arg)?, 0)?,
             "--max-line" => limits.max_line = count(arg, &value(arg)?, 64)?,
             "--max-key" => limits.max_key_bytes = count(arg, &value(arg)?, 1)?,
             "--max-value" => limits.max_value_bytes = count(arg, &value(arg)?, 1)?,

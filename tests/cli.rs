@@ -360,32 +360,38 @@ fn unreachable_bootstrap_exits_one() {
         "{line}"
     );
 
-    // Something listens, but it is not a Pastry node.
-    let impostor = TcpListener::bind("127.0.0.1:0").unwrap();
-    let impostor_addr = impostor.local_addr().unwrap();
-    let server = std::thread::spawn(move || {
-        let (mut s, _) = impostor.accept().unwrap();
-        let mut line = String::new();
-        let _ = BufReader::new(&s).read_line(&mut line);
-        let _ = s.write_all(b"220 hello, I speak SMTP\n");
-        line
-    });
-    let (status, _, err) = run(&[
-        "127.0.0.1",
-        "0",
-        "127.0.0.1",
-        &impostor_addr.port().to_string(),
-    ]);
-    assert_eq!(status.code(), Some(1), "{err}");
-    assert!(
-        err.lines()
-            .any(|l| l.starts_with(&format!("error: cannot join through {impostor_addr}"))),
-        "{err}"
-    );
-    let request = server.join().unwrap();
-    // A joining node first asks its bootstrap for its state (nearest-neighbour
-    // discovery, see `join::discover`); the answer is not a Pastry reply.
-    assert!(request.contains("\"status\""), "the node sent {request:?}");
+    // Something listens, but it is not a Pastry node. A joining node first asks
+    // its bootstrap for its state (nearest-neighbour discovery, see
+    // `join::discover`), or, with discovery off, sends its join at once; either
+    // way the answer is not a Pastry reply.
+    for (extra, first) in [(None, "\"status\""), (Some("0"), "\"join\"")] {
+        let impostor = TcpListener::bind("127.0.0.1:0").unwrap();
+        let impostor_addr = impostor.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = impostor.accept().unwrap();
+            let mut line = String::new();
+            let _ = BufReader::new(&s).read_line(&mut line);
+            let _ = s.write_all(b"220 hello, I speak SMTP\n");
+            line
+        });
+        let port = impostor_addr.port().to_string();
+        let mut args = vec!["127.0.0.1", "0", "127.0.0.1", &port];
+        if let Some(width) = extra {
+            args.extend(["--discovery-width", width]);
+        }
+        let (status, _, err) = run(&args);
+        assert_eq!(status.code(), Some(1), "{err}");
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with(&format!("error: cannot join through {impostor_addr}"))),
+            "{err}"
+        );
+        let request = server.join().unwrap();
+        assert!(
+            request.contains(first),
+            "{args:?}: the node sent {request:?}"
+        );
+    }
 }
 
 /// Two real processes on loopback: the first starts a network on port 0, the

@@ -22,7 +22,8 @@
 //! # Layout
 //! - `utils`: ids, SHA-1, digits, `shl`, ring distance, constants.
 //! - `pastry_node`: the node. Pure parts: `leaf_set`, `routing_table`,
-//!   `neighborhood`, `router`, `store`. Network shell: `Node` (the shared state
+//!   `neighborhood`, `router`, `store`, `leases` (failure detection),
+//!   `anti_entropy` (replica digests). Network shell: `Node` (the shared state
 //!   handle), `join`, `transport`, `server`, `maintenance`, `RunningNode`.
 //! - `message_handler`: the wire messages and what a node does with each.
 //! - `client`: a small blocking client, for the demo and the tests.

@@ -2,7 +2,11 @@
 //!
 //! - [`leaf_set`], [`routing_table`], [`neighborhood`], [`router`]: the paper's
 //!   three sets and the routing decision. Pure code.
-//! - [`store`]: the keys this node is root of. Pure code.
+//! - [`store`]: the keys this node is root or replica of. Pure code.
+//! - [`leases`]: when leaf-set members were last heard from (MSPastry's failure
+//!   detector) and which nodes just failed. Pure code.
+//! - [`anti_entropy`]: digests of the copies two replicas share, and replica
+//!   sets on a ring. Pure code.
 //! - [`Node`]: the handle over the node's shared state. Callers never see a lock;
 //!   every method copies out what it needs and releases the lock before returning,
 //!   so no lock is ever held across network I/O.

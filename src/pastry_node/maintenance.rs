@@ -20,7 +20,7 @@
 //!   few ticks), the re-measurement of one routing-table row and of one
 //!   neighborhood-set member, and every few ticks one node declared dead lately
 //!   tried again, which is how the two sides of a network partition find each
-//!   other once it ends (see [`retry_departed`]).
+//!   other once it ends (see `retry_departed`).
 //!
 //! Deviation: MSPastry sends heartbeats one way, to the left neighbour only, and
 //! probes on a lapsed lease; here every exchange is a request and its reply, so

@@ -15,7 +15,7 @@ use pastry::pastry_node::Config;
 use pastry::simulator::{Lookup, Messages, Network, Proximity};
 use serde_json::{json, Value};
 
-const USAGE: &str = "usage: simulate [--nodes N] [--lookups L] [--seed S] [--leaf-set N] [--proximity plane|none] [--discovery-width N] [--fail FRACTION] [--churn ROUNDS] [--json] [--plot FILE.svg]";
+const USAGE: &str = "usage: simulate [--nodes N] [--lookups L] [--seed S] [--leaf-set N] [--proximity plane|none] [--discovery-width N] [--fail FRACTION] [--churn ROUNDS] [--rounds N] [--json] [--plot FILE.svg]";
 
 const HELP: &str = "\
 simulate: a Pastry network of N nodes in one process, built by the node's own join
@@ -35,6 +35,8 @@ OPTIONS:
     --fail FRACTION         after the fresh measurement, that share of nodes fails
                             silently; lookups are measured right after, after leaf-set
                             repair and after routing-table repair
+    --rounds N              run N maintenance rounds (heartbeats, routing-table
+                            upkeep) after the build, before measuring
     --churn ROUNDS          store 1,000 keys, then for each round one node fails
                             silently and one joins; report keys lost and reads
                             that failed
@@ -52,6 +54,7 @@ struct Options {
     discovery_width: usize,
     fail: Option<f64>,
     churn: Option<usize>,
+    rounds: usize,
     json: bool,
     plot: Option<String>,
 }
@@ -66,6 +69,7 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
         discovery_width: pastry::pastry_node::DISCOVERY_WIDTH,
         fail: None,
         churn: None,
+        rounds: 0,
         json: false,
         plot: None,
     };
@@ -100,6 +104,7 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
                 o.fail = Some(f);
             }
             "--churn" => o.churn = Some(number(&value(a)?, a)?),
+            "--rounds" => o.rounds = number(&value(a)?, a)?,
             "--json" => o.json = true,
             "--plot" => o.plot = Some(value(a)?),
             other => return Err(format!("unknown argument {other:?}")),
@@ -289,6 +294,11 @@ fn main() -> ExitCode {
         eprint!("\r\x1b[K");
     }
     let build_seconds = start.elapsed().as_secs_f64();
+    // Maintenance rounds before measuring, as a running network has had: each
+    // node's heartbeat and its share of routing-table upkeep.
+    for _ in 0..o.rounds {
+        net.tick_all();
+    }
     let joins = join_msgs.len().max(1) as f64;
     let mean = |f: &dyn Fn(&Messages) -> u64| join_msgs.iter().map(f).sum::<u64>() as f64 / joins;
     let join_total_mean = mean(&|m| m.total());

@@ -217,6 +217,26 @@ pub fn announce_within(
     targets: Vec<NodeInfo>,
     timeout: Duration,
 ) -> usize {
+    announce_all(node, transport, targets, timeout, false)
+}
+
+/// The periodic routing-table refresh (Castro et al., "Exploiting network
+/// proximity in peer-to-peer overlay networks", 2002): exchange a row with one
+/// of its entries, and have each entry of the row it sends measured if it might
+/// be nearer than the node holding its slot, so that the table keeps improving
+/// its locality after the join. Each such probe is one message; the node that
+/// is nearer takes the slot.
+pub fn exchange_rows(node: &Node, transport: &dyn Transport, target: NodeInfo, timeout: Duration) {
+    announce_all(node, transport, vec![target], timeout, true);
+}
+
+fn announce_all(
+    node: &Node,
+    transport: &dyn Transport,
+    targets: Vec<NodeInfo>,
+    timeout: Duration,
+    improve: bool,
+) -> usize {
     // A stopping node does not start waiting on peers.
     if node.is_stopping() {
         return 0;
@@ -247,8 +267,14 @@ pub fn announce_within(
             )) if from.node_id == target.node_id => {
                 node.heard_from(&target.node_id);
                 node.learn(*target, Some(proximity));
-                for n in leaf_set.into_iter().chain(rows) {
+                for n in leaf_set {
                     node.hear_of(n);
+                }
+                for n in rows {
+                    node.hear_of(n);
+                    if improve {
+                        node.consider(n);
+                    }
                 }
             }
             Ok(_) => {}

@@ -32,7 +32,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use super::join::{announce, announce_within};
+use super::join::{announce, announce_within, exchange_rows};
 use super::transport::Transport;
 use super::{KeyEntry, Node, ReplicationDue, ReplicationRound};
 use crate::message_handler::{Reply, Request};
@@ -141,7 +141,7 @@ pub fn handle_event(node: &Node, event: Event, transport: &dyn Transport) -> boo
                 let live = node.routing_row(row);
                 if !live.is_empty() {
                     let pick = live[(tick / rows as u64) as usize % live.len()];
-                    announce(node, transport, vec![pick]);
+                    exchange_rows(node, transport, pick, lease(node));
                 }
             }
             // The neighborhood set: the paper has a node check its members

@@ -36,7 +36,7 @@ OPTIONS:
     --timeout-ms MS    longest wait for another node's reply (default 5000)
     --discovery-width N  before joining, walk from the bootstrap toward a node
                        near this one, measuring at most N nodes a step
-                       (default 16; 0: join through the bootstrap as given)
+                       (default 2; 0: join through the bootstrap as given)
     --log-level LEVEL  off, error, warn, info, debug or trace (default info; or set
                        the PASTRY_LOG environment variable)
 

@@ -156,7 +156,7 @@ fn nearest_neighbour_discovery_lowers_route_stretch() {
         stretch(&mut net, 5_000)
     };
     let without = with_width(0);
-    let with = with_width(Config::default().discovery_width);
+    let with = with_width(16);
     println!("route stretch at {NODES} nodes: {with:.3} with discovery, {without:.3} without");
     assert!(
         with < 1.55 && with < without - 0.25,

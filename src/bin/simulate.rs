@@ -30,7 +30,7 @@ OPTIONS:
                             in a unit square, as in the paper (default); none: every
                             node equally near, to measure what locality buys
     --discovery-width N     most nodes a joiner measures at each step of its
-                            nearest-neighbour discovery (default 16); 0: no
+                            nearest-neighbour discovery (default 2); 0: no
                             discovery, join through the random bootstrap
     --fail FRACTION         after the fresh measurement, that share of nodes fails
                             silently; lookups are measured right after, after leaf-set

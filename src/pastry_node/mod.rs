@@ -134,8 +134,12 @@ impl Default for Config {
 }
 
 /// The default [`Config::discovery_width`]; see the README's "Reproducing the
-/// paper" for what each width costs and buys.
-pub const DISCOVERY_WIDTH: usize = 16;
+/// paper" for what each width costs and buys. A narrow walk finds a nearby
+/// enough node for the join within the paper's message bound; the periodic
+/// routing-table refresh then does the rest (stretch 1.36 / 1.43 at 1,000 /
+/// 10,000 nodes after 30 maintenance rounds, against 1.42 / 1.51 with width 16
+/// and no rounds).
+pub const DISCOVERY_WIDTH: usize = 2;
 
 /// Most nodes queued for a probe at once (see [`Node::hear_of`]).
 pub const MAX_PENDING_PROBES: usize = 1024;

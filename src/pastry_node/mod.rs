@@ -467,8 +467,12 @@ impl Node {
     }
 
     /// `id` has shown a sign of life first-hand (it answered us, or called us):
-    /// its lease is renewed.
+    /// its lease is renewed. Only leaf-set members hold leases; any other node is
+    /// not tracked (a node that joins the leaf set later is granted a lease then).
     pub fn heard_from(&self, id: &NodeId) {
+        if !self.in_leaf_set(id) {
+            return;
+        }
         let now = self.shared.ticks.load(Ordering::Relaxed);
         self.leases().heard(*id, now);
     }

@@ -32,8 +32,35 @@ pub const MAX_HOPS: u32 = 64;
 
 /// A 160-bit identifier on the ring, stored big-endian so that byte order is
 /// numeric order.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[derive(Clone, Copy, Eq, PartialOrd, Ord, Default)]
 pub struct NodeId(pub [u8; ID_BYTES]);
+
+impl PartialEq for NodeId {
+    /// Byte for byte, as derived, but as two 64-bit words and a 32-bit one:
+    /// membership tests compare ids all the time, and the derived comparison
+    /// called `memcmp` for each (6% of a simulated build in a profile).
+    fn eq(&self, other: &NodeId) -> bool {
+        fn words(id: &NodeId) -> (u64, u64, u32) {
+            let (mut a, mut b, mut c) = ([0u8; 8], [0u8; 8], [0u8; 4]);
+            a.copy_from_slice(&id.0[..8]);
+            b.copy_from_slice(&id.0[8..16]);
+            c.copy_from_slice(&id.0[16..]);
+            (
+                u64::from_ne_bytes(a),
+                u64::from_ne_bytes(b),
+                u32::from_ne_bytes(c),
+            )
+        }
+        words(self) == words(other)
+    }
+}
+
+impl std::hash::Hash for NodeId {
+    /// As derived: equal ids hash equally.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
 
 impl NodeId {
     pub const ZERO: NodeId = NodeId([0; ID_BYTES]);

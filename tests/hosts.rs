@@ -411,23 +411,20 @@ impl Testbed {
     /// The `status` of each of `nodes`, each asked from inside its own host (the
     /// only place it can be reached from while its host is cut off).
     fn statuses(&self, nodes: &[usize]) -> BTreeMap<usize, Result<Value, String>> {
-        let hosts: Vec<usize> = (0..HOSTS)
-            .filter(|h| nodes.iter().any(|&i| self.nodes[i].host == *h))
-            .collect();
-        self.on_hosts(&hosts, |h| {
-            nodes
-                .iter()
-                .filter(|&&i| self.nodes[i].host == h)
-                .map(|&i| (i, status_of(self.nodes[i].info.addr)))
-                .collect::<Vec<_>>()
-        })
-        .into_iter()
-        .flatten()
-        .collect()
+        self.ask_each(nodes, status_of)
     }
 
     /// The `stats` of each of `nodes`, asked from inside its own host.
     fn stats(&self, nodes: &[usize]) -> BTreeMap<usize, Result<Value, String>> {
+        self.ask_each(nodes, |addr| request(addr, &json!({"type": "stats"})))
+    }
+
+    /// `ask` of each of `nodes`' addresses, from inside the node's own host.
+    fn ask_each(
+        &self,
+        nodes: &[usize],
+        ask: impl Fn(SocketAddr) -> Result<Value, String> + Sync,
+    ) -> BTreeMap<usize, Result<Value, String>> {
         let hosts: Vec<usize> = (0..HOSTS)
             .filter(|h| nodes.iter().any(|&i| self.nodes[i].host == *h))
             .collect();
@@ -435,12 +432,7 @@ impl Testbed {
             nodes
                 .iter()
                 .filter(|&&i| self.nodes[i].host == h)
-                .map(|&i| {
-                    (
-                        i,
-                        request(self.nodes[i].info.addr, &json!({"type": "stats"})),
-                    )
-                })
+                .map(|&i| (i, ask(self.nodes[i].info.addr)))
                 .collect::<Vec<_>>()
         })
         .into_iter()
@@ -888,11 +880,22 @@ fn across_hosts() {
             "host {h} lost the key written on host {CUT} while cut off: {bad:?}"
         );
     }
-    let both: Vec<Value> = tb.on_hosts(&all_hosts, |h| {
-        let node = tb.nodes[tb.nodes_on(&[h])[0]].info.addr;
-        request(node, &json!({"type": "get", "key": island.1}))
-            .map_or_else(Value::String, |r| r["value"].clone())
-    });
+    // The majority's copies may sit outside the merged replica set for a moment
+    // (they were the stand-ins while the island was gone), until the leaf-set
+    // change moves them in: poll.
+    let read_both = || -> Vec<Value> {
+        tb.on_hosts(&all_hosts, |h| {
+            let node = tb.nodes[tb.nodes_on(&[h])[0]].info.addr;
+            request(node, &json!({"type": "get", "key": island.1}))
+                .map_or_else(Value::String, |r| r["value"].clone())
+        })
+    };
+    let mut both = read_both();
+    let deadline = Instant::now() + CONVERGE;
+    while !both.iter().all(|v| v == "majority") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        both = read_both();
+    }
     assert!(
         both.iter().all(|v| v == "majority"),
         "{} after the partition, read from each host: {both:?}",

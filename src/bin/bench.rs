@@ -519,17 +519,9 @@ impl Network {
             Ok(Network::Processes(nodes))
         } else {
             let config = node_config(opts.tick_ms);
-            let mut nodes: Vec<RunningNode> = Vec::new();
-            for _ in 0..opts.nodes {
-                let node = start_in_process(&config)?;
-                if !nodes.is_empty() {
-                    let boot = nodes[rng.below(nodes.len())].addr();
-                    node.join(boot)
-                        .map_err(|e| format!("{} could not join: {e}", node.addr()))?;
-                }
-                nodes.push(node);
-            }
-            Ok(Network::InProcess(nodes))
+            Ok(Network::InProcess(join_in_process(
+                opts.nodes, &config, rng,
+            )?))
         }
     }
 
@@ -596,6 +588,22 @@ fn start_in_process(config: &Config) -> Result<RunningNode, String> {
     let listener =
         TcpListener::bind("127.0.0.1:0").map_err(|e| format!("cannot bind 127.0.0.1:0: {e}"))?;
     RunningNode::start(listener, config.clone()).map_err(|e| format!("cannot start a node: {e}"))
+}
+
+/// `n` in-process nodes, joined one after another, each through a random node
+/// already in.
+fn join_in_process(n: usize, config: &Config, rng: &mut Rng) -> Result<Vec<RunningNode>, String> {
+    let mut nodes: Vec<RunningNode> = Vec::with_capacity(n);
+    for _ in 0..n {
+        let node = start_in_process(config)?;
+        if !nodes.is_empty() {
+            let boot = nodes[rng.below(nodes.len())].addr();
+            node.join(boot)
+                .map_err(|e| format!("{} could not join: {e}", node.addr()))?;
+        }
+        nodes.push(node);
+    }
+    Ok(nodes)
 }
 
 /// Whether `leaf_set` (as `status` shows it) is the ideal leaf set of `own`.
@@ -1525,16 +1533,7 @@ fn join_test(opts: &Options, n: usize) -> Result<Report, String> {
     let mut rng = Rng::new(opts.seed);
     eprintln!("starting {n} in-process nodes, each joining through a random node already in");
     let start = Instant::now();
-    let mut nodes: Vec<RunningNode> = Vec::with_capacity(n);
-    for _ in 0..n {
-        let node = start_in_process(&config)?;
-        if !nodes.is_empty() {
-            let boot = nodes[rng.below(nodes.len())].addr();
-            node.join(boot)
-                .map_err(|e| format!("{} could not join: {e}", node.addr()))?;
-        }
-        nodes.push(node);
-    }
+    let nodes = join_in_process(n, &config, &mut rng)?;
     let joined_s = start.elapsed().as_secs_f64();
     let all: Vec<NodeInfo> = nodes.iter().map(|n| n.node().own()).collect();
     let not_ideal = || {

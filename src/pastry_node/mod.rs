@@ -250,13 +250,6 @@ fn wall_clock_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The `k` of `nodes` numerically closest to `key_id`, closest first.
-fn k_closest(key_id: &NodeId, mut nodes: Vec<NodeInfo>, k: usize) -> Vec<NodeInfo> {
-    nodes.sort_by(|a, b| crate::utils::closer_to(key_id, &a.node_id, &b.node_id));
-    nodes.truncate(k);
-    nodes
-}
-
 /// What [`Node::forget`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Forgotten {
@@ -795,9 +788,10 @@ impl Node {
     /// The replica set of `key_id` as we see it: the k nodes of L ∪ {us}
     /// numerically closest to it, closest first (the root first).
     pub fn replica_set(&self, key_id: &NodeId) -> Vec<NodeInfo> {
-        let mut all = self.leaf_set_members();
-        all.push(self.shared.own);
-        k_closest(key_id, all, self.replicas())
+        let (ring, _) = self.replica_ring();
+        let mut set = Vec::new();
+        ring.replica_set(key_id, self.replicas(), &mut set);
+        set.into_iter().map(|i| ring.nodes()[i]).collect()
     }
 
     /// k, bounded by what the leaf set can see: |L|/2. With k = |L|/2 + 1 a node
@@ -824,35 +818,48 @@ impl Node {
             // Alone: nobody to send to, and no reason to copy every key.
             return HashMap::new();
         }
-        let mut with_us = leaf_set.clone();
-        with_us.push(own);
-        let keys: Vec<(String, NodeId, Versioned)> = self
-            .store()
-            .iter()
-            .map(|r| (r.key.to_string(), r.key_id, r.versioned()))
-            .collect();
+        // Who holds each key now (leaving: once we have gone) and, after a
+        // leaf-set change, who held it before.
+        let with_us = |mut nodes: Vec<NodeInfo>| {
+            nodes.push(own);
+            anti_entropy::ReplicaRing::new(nodes)
+        };
+        let (now, before) = match round {
+            ReplicationRound::Leaving => (anti_entropy::ReplicaRing::new(leaf_set), None),
+            ReplicationRound::Since(previous) => {
+                (with_us(leaf_set), Some(with_us(previous.clone())))
+            }
+        };
+        let (mut set, mut old) = (Vec::with_capacity(k), Vec::with_capacity(k));
         let mut out: HashMap<NodeInfo, Vec<KeyEntry>> = HashMap::new();
-        for (key, key_id, entry) in keys {
-            let (set, had_it) = match round {
-                ReplicationRound::Leaving => (k_closest(&key_id, leaf_set.clone(), k), Vec::new()),
-                ReplicationRound::Since(previous) => {
-                    let mut before = previous.clone();
-                    before.push(own);
-                    let old = k_closest(&key_id, before, k);
-                    let set = k_closest(&key_id, with_us.clone(), k);
-                    // Whoever was or is in the set passes the key on; a node that
-                    // was in neither did so already, or holds a stale copy.
-                    if !set.contains(&own) && !old.contains(&own) {
-                        continue;
-                    }
-                    (set, old)
+        // Under the store's read lock: replica sets are found in O(log |L| + k)
+        // and only the copies that go somewhere are taken out.
+        let store = self.store();
+        for r in store.iter() {
+            now.replica_set(&r.key_id, k, &mut set);
+            old.clear();
+            if let Some(before) = &before {
+                before.replica_set(&r.key_id, k, &mut old);
+                let was = |i: &usize| before.nodes()[*i] == own;
+                let is = |i: &usize| now.nodes()[*i] == own;
+                // Whoever was or is in the set passes the key on; a node that
+                // was in neither did so already, or holds a stale copy.
+                if !set.iter().any(is) && !old.iter().any(was) {
+                    continue;
                 }
+            }
+            let had_it: Vec<NodeInfo> = match &before {
+                Some(b) => old.iter().map(|&i| b.nodes()[i]).collect(),
+                None => Vec::new(),
             };
-            for n in set.into_iter().filter(|n| *n != own && !had_it.contains(n)) {
-                out.entry(n).or_default().push(KeyEntry {
-                    key: key.clone(),
-                    entry: entry.clone(),
-                });
+            for &i in &set {
+                let n = now.nodes()[i];
+                if n != own && !had_it.contains(&n) {
+                    out.entry(n).or_default().push(KeyEntry {
+                        key: r.key.to_string(),
+                        entry: r.versioned(),
+                    });
+                }
             }
         }
         out

@@ -76,12 +76,7 @@ pub fn handle_event(node: &Node, event: Event, transport: &dyn Transport) -> boo
             }
         }
         Event::Suspect(peer) => {
-            if node.knows(&peer.node_id) {
-                match transport.proximity_within(&peer, lease(node)) {
-                    Ok(_) => node.heard_from(&peer.node_id),
-                    Err(_) => declare_dead(node, peer, transport),
-                }
-            }
+            return handle_event(node, Event::SuspectAll(vec![peer]), transport)
         }
         Event::SuspectAll(peers) => {
             let peers: Vec<NodeInfo> = peers

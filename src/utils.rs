@@ -32,8 +32,24 @@ pub const MAX_HOPS: u32 = 64;
 
 /// A 160-bit identifier on the ring, stored big-endian so that byte order is
 /// numeric order.
-#[derive(Clone, Copy, Eq, PartialOrd, Ord, Default)]
+#[derive(Clone, Copy, Eq, Default)]
 pub struct NodeId(pub [u8; ID_BYTES]);
+
+impl Ord for NodeId {
+    /// Numeric order, which is byte order (big-endian), as derived; but compared
+    /// as a 32-bit and a 128-bit number rather than by a `memcmp` call, because
+    /// leaf sets sort and range-check ids all the time (7% of a simulated build
+    /// went to `memcmp` here).
+    fn cmp(&self, other: &NodeId) -> Ordering {
+        self.limbs().cmp(&other.limbs())
+    }
+}
+
+impl PartialOrd for NodeId {
+    fn partial_cmp(&self, other: &NodeId) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
 
 impl PartialEq for NodeId {
     /// Byte for byte, as derived, but as two 64-bit words and a 32-bit one:
@@ -71,8 +87,41 @@ impl NodeId {
     }
 
     /// The id of the node listening at `addr`: SHA-1 of `"ip:port"`.
+    ///
+    /// Every node entry a node takes in is checked against this, so an IPv4
+    /// address is written out by hand into a stack buffer: the same text as
+    /// `addr.to_string()` (a unit test holds them equal), without the formatting
+    /// machinery and the allocation, which were most of the cost of a check.
     pub fn for_addr(addr: &SocketAddr) -> NodeId {
-        NodeId::hash(addr.to_string().as_bytes())
+        let SocketAddr::V4(v4) = addr else {
+            return NodeId::hash(addr.to_string().as_bytes());
+        };
+        // "255.255.255.255:65535" is 21 bytes.
+        fn push_decimal(text: &mut [u8; 21], len: &mut usize, mut v: u32) {
+            let mut digits = [0u8; 5];
+            let mut n = 0;
+            loop {
+                digits[n] = b'0' + (v % 10) as u8;
+                n += 1;
+                v /= 10;
+                if v == 0 {
+                    break;
+                }
+            }
+            for d in digits[..n].iter().rev() {
+                text[*len] = *d;
+                *len += 1;
+            }
+        }
+        let mut text = [0u8; 21];
+        let mut len = 0;
+        for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+            push_decimal(&mut text, &mut len, u32::from(octet));
+            text[len] = if i < 3 { b'.' } else { b':' };
+            len += 1;
+        }
+        push_decimal(&mut text, &mut len, u32::from(v4.port()));
+        NodeId::hash(&text[..len])
     }
 
     /// The id of a key.
@@ -267,6 +316,35 @@ impl NodeInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn for_addr_hashes_the_text_to_string_gives() {
+        let mut addrs: Vec<SocketAddr> = vec![
+            "0.0.0.0:0".parse().unwrap(),
+            "255.255.255.255:65535".parse().unwrap(),
+            "127.0.0.1:5000".parse().unwrap(),
+            "10.0.9.100:10".parse().unwrap(),
+            "[::1]:4000".parse().unwrap(),
+        ];
+        // Every octet and port width, from a fixed pseudo-random walk.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let b = x.to_be_bytes();
+            let ip = std::net::Ipv4Addr::new(b[0] >> (b[4] % 8), b[1], b[2] % 10, b[3]);
+            let port = (x >> 40) as u16 >> (b[5] % 16);
+            addrs.push(SocketAddr::from((ip, port)));
+        }
+        for a in addrs {
+            assert_eq!(
+                NodeId::for_addr(&a),
+                NodeId::hash(a.to_string().as_bytes()),
+                "{a}"
+            );
+        }
+    }
 
     fn id(hex: &str) -> NodeId {
         let padded = format!("{hex:0<40}");

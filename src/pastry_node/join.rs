@@ -164,7 +164,10 @@ pub fn join(
     // once, but we answer as its root only when our own leaf set is confirmed.
     let me_id = me.node_id;
     let mut seen: HashSet<NodeId> = HashSet::new();
-    let mut fresh = |n: &NodeInfo| n.node_id != me_id && n.is_genuine() && seen.insert(n.node_id);
+    // The SHA-1 that checks an id is paid once per node, not once per mention.
+    let mut fresh = |n: &NodeInfo| {
+        n.node_id != me_id && !seen.contains(&n.node_id) && n.is_genuine() && seen.insert(n.node_id)
+    };
     let nearest: Vec<NodeInfo> = std::iter::once(root)
         .chain(leaf_set)
         .filter(|n| fresh(n))
@@ -319,9 +322,7 @@ impl Seen {
     fn would_keep(&self, node: &Node, owner: NodeInfo, p: u64) -> bool {
         let c = node.config();
         let mut state = RoutingState::new(owner, c.leaf_set_size, c.neighborhood_size);
-        for n in &self.leaf_set {
-            state.leaf_set.insert(*n);
-        }
+        state.leaf_set.insert_all(self.leaf_set.iter().copied());
         for (n, prox) in self.rows.iter().flatten() {
             let _ = state.routing_table.insert(*n, *prox);
         }
@@ -452,13 +453,16 @@ pub fn discover(
         let mut candidates: Vec<(NodeInfo, Option<u64>)> = candidates
             .into_iter()
             .filter(|(_, from_here)| from_here.is_none_or(|d| d < bound))
-            .filter(|(n, _)| n.is_genuine() && !asked.contains(&n.node_id))
+            .filter(|(n, _)| !asked.contains(&n.node_id))
             .collect();
         let lower = |d: Option<u64>| d.map_or(0, |d| d.abs_diff(here.1));
         candidates.sort_by_key(|(_, d)| lower(*d));
-        candidates.truncate(width);
+        // The best `width` genuine ones: ids are checked in that order, so only
+        // the few measured pay for the SHA-1, not the whole row.
         let calls: Vec<(NodeInfo, Request)> = candidates
             .into_iter()
+            .filter(|(n, _)| n.is_genuine())
+            .take(width)
             .filter(|(n, _)| asked.insert(n.node_id))
             .map(|(n, _)| (n, Request::Status))
             .collect();

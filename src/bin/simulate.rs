@@ -12,10 +12,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use pastry::pastry_node::Config;
-use pastry::simulator::{Lookup, Messages, Network, Proximity};
+use pastry::simulator::{Lookup, Messages, Network, Proximity, Reference, Rng};
+use pastry::utils::NodeId;
 use serde_json::{json, Value};
 
-const USAGE: &str = "usage: simulate [--nodes N] [--lookups L] [--seed S] [--leaf-set N] [--proximity plane|none] [--discovery-width N] [--fail FRACTION] [--churn ROUNDS] [--rounds N] [--json] [--plot FILE.svg]";
+const USAGE: &str = "usage: simulate [--nodes N] [--lookups L] [--seed S] [--leaf-set N] [--proximity plane|none] [--discovery-width N] [--fail FRACTION] [--churn ROUNDS] [--rounds N] [--reference] [--json] [--plot FILE.svg]";
 
 const HELP: &str = "\
 simulate: a Pastry network of N nodes in one process, built by the node's own join
@@ -40,6 +41,10 @@ OPTIONS:
     --churn ROUNDS          store 1,000 keys, then for each round one node fails
                             silently and one joins; report keys lost and reads
                             that failed
+    --reference             also route every lookup of the fresh network over ideal
+                            state (exact leaf sets, every routing-table slot that
+                            can be filled filled) with the same routing code: what
+                            the paper's rule itself does on these ids
     --json                  print one JSON object instead of the table
     --plot FILE.svg         draw the hop distribution next to the paper's Fig. 5
     -h, --help              this help
@@ -55,6 +60,7 @@ struct Options {
     fail: Option<f64>,
     churn: Option<usize>,
     rounds: usize,
+    reference: bool,
     json: bool,
     plot: Option<String>,
 }
@@ -70,6 +76,7 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
         fail: None,
         churn: None,
         rounds: 0,
+        reference: false,
         json: false,
         plot: None,
     };
@@ -105,6 +112,7 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
             }
             "--churn" => o.churn = Some(number(&value(a)?, a)?),
             "--rounds" => o.rounds = number(&value(a)?, a)?,
+            "--reference" => o.reference = true,
             "--json" => o.json = true,
             "--plot" => o.plot = Some(value(a)?),
             other => return Err(format!("unknown argument {other:?}")),
@@ -186,6 +194,11 @@ impl LookupStats {
         self.hops.len().saturating_sub(1)
     }
 
+    /// Lookups that took more than `bound` hops.
+    fn above(&self, bound: usize) -> usize {
+        self.hops.iter().skip(bound + 1).sum()
+    }
+
     fn share(&self, h: usize) -> f64 {
         self.hops.get(h).copied().unwrap_or(0) as f64 / self.delivered().max(1) as f64
     }
@@ -212,7 +225,14 @@ impl LookupStats {
     }
 }
 
-fn run_lookups(net: &mut Network, count: usize, settle: bool) -> LookupStats {
+/// Routes `count` random lookups. With `reference`, each one is also routed over
+/// the reference's ideal state, into the second figures.
+fn run_lookups(
+    net: &mut Network,
+    count: usize,
+    settle: bool,
+    mut reference: Option<(&Reference, &mut LookupStats)>,
+) -> LookupStats {
     let start = Instant::now();
     let mut stats = LookupStats::default();
     let ring = net.ring();
@@ -221,6 +241,16 @@ fn run_lookups(net: &mut Network, count: usize, settle: bool) -> LookupStats {
         let from = ring[net.rng().below(ring.len())].1;
         let key = format!("key-{:016x}", net.rng().next_u64());
         stats.add(&net.lookup(&ring, from, &key));
+        if let Some((r, r_stats)) = reference.as_mut() {
+            let hops = r.lookup(from, &NodeId::for_key(&key));
+            r_stats.add(&Lookup {
+                hops: hops.unwrap_or(0),
+                correct: hops.is_some(),
+                rare_case: false,
+                stretch: None,
+                failed: false,
+            });
+        }
         if settle {
             net.settle();
         }
@@ -312,7 +342,20 @@ fn main() -> ExitCode {
         .sum::<f64>()
         / net.len() as f64;
 
-    let fresh = run_lookups(&mut net, o.lookups, true);
+    let bound_hops = log16n.ceil() as usize;
+    let reference = o.reference.then(|| {
+        let mut rng = Rng::new(o.seed ^ 0x05ee_d0f1_dea1);
+        Reference::build(&net, &mut rng)
+    });
+    let slots = reference.as_ref().map(|r| r.slots_filled(&net));
+    let mut ideal = LookupStats::default();
+    let fresh = run_lookups(
+        &mut net,
+        o.lookups,
+        true,
+        reference.as_ref().map(|r| (r, &mut ideal)),
+    );
+    drop(reference);
 
     let mut phases: Vec<Phase> = Vec::new();
     if let Some(f) = o.fail {
@@ -320,7 +363,7 @@ fn main() -> ExitCode {
         net.fail_random(count);
         // Right after: nobody has noticed; lookups route around dead next hops
         // (per-hop retry), but no maintenance runs in between.
-        let stats = run_lookups(&mut net, o.lookups, false);
+        let stats = run_lookups(&mut net, o.lookups, false, None);
         phases.push(Phase {
             name: format!("right after {count} nodes failed"),
             stats,
@@ -336,7 +379,7 @@ fn main() -> ExitCode {
         }
         // From here on maintenance runs as usual between lookups (a dead entry a
         // lookup runs into is dropped), but nobody has refreshed routing tables.
-        let stats = run_lookups(&mut net, o.lookups, true);
+        let stats = run_lookups(&mut net, o.lookups, true, None);
         phases.push(Phase {
             name: format!("after leaf-set repair ({rounds} rounds)"),
             stats,
@@ -349,7 +392,7 @@ fn main() -> ExitCode {
         for _ in 0..rows {
             net.tick_all();
         }
-        let stats = run_lookups(&mut net, o.lookups, true);
+        let stats = run_lookups(&mut net, o.lookups, true, None);
         phases.push(Phase {
             name: format!("after routing-table repair ({rows} rounds)"),
             stats,
@@ -359,7 +402,6 @@ fn main() -> ExitCode {
     let churn = o.churn.map(|rounds| net.churn(rounds));
     let peak = peak_memory();
     let paper = paper_average_hops(o.nodes);
-    let bound_hops = log16n.ceil() as usize;
     let join_bound = 3.0 * 16.0 * log16n;
     let rt_paper = 15.0 * log16n;
 
@@ -393,6 +435,13 @@ fn main() -> ExitCode {
             "paper_routing_table_entries": rt_paper,
             "ideal_leaf_set_share": ideal_share,
             "fresh": fresh.json(),
+            "above_ceil": fresh.above(bound_hops),
+            "reference": o.reference.then(|| json!({
+                "slots_filled": slots.map(|s| s.0),
+                "slots_fillable": slots.map(|s| s.1),
+                "lookups": ideal.json(),
+                "above_ceil": ideal.above(bound_hops),
+            })),
             "failure": phases.iter().map(|p| json!({
                 "phase": p.name, "ideal_leaf_set_share": p.ideal_share, "lookups": p.stats.json()
             })).collect::<Vec<_>>(),
@@ -433,6 +482,23 @@ fn main() -> ExitCode {
             "maximum hops",
             fresh.max().to_string(),
             format!("at most ceil(log16 N) = {bound_hops}"),
+        );
+        row(
+            "lookups above ceil(log16 N)",
+            format!(
+                "{} ({:.4}%)",
+                fresh.above(bound_hops),
+                100.0 * fresh.above(bound_hops) as f64 / fresh.delivered().max(1) as f64
+            ),
+            if o.reference {
+                format!(
+                    "ideal state: {} ({:.4}%)",
+                    ideal.above(bound_hops),
+                    100.0 * ideal.above(bound_hops) as f64 / ideal.delivered().max(1) as f64
+                )
+            } else {
+                "0 (--reference: the rule on ideal state)".into()
+            },
         );
         for h in 0..fresh.hops.len().max(6) {
             let p = if o.nodes == 100_000 {
@@ -508,6 +574,26 @@ fn main() -> ExitCode {
                 "(no locality)".into()
             },
         );
+        if let Some((filled, fillable)) = slots {
+            println!();
+            println!(
+                "routing-table slots that some node fits: {fillable}, filled {filled} ({:.3}%)",
+                100.0 * filled as f64 / fillable.max(1) as f64
+            );
+            println!(
+                "the same lookups over ideal state (the paper's rule, the same routing code):"
+            );
+            println!(
+                "  average hops {:.3}, maximum {}, not at the root {}; hops 0..: {}",
+                ideal.average(),
+                ideal.max(),
+                ideal.misdelivered,
+                (0..ideal.hops.len())
+                    .map(|h| format!("{:.2}%", ideal.share(h) * 100.0))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
         if let Some(c) = &churn {
             println!();
             println!(

@@ -565,3 +565,44 @@ fn a_process_stopped_with_sigterm_hands_its_keys_over() {
         .collect();
     assert!(all_found(&survivors, keys), "a key was lost on leave");
 }
+
+/// `simulate`: a small run end to end through the binary, and arguments it must
+/// refuse with one clear error rather than a panic or an out-of-memory abort.
+#[test]
+fn simulate_runs_small_networks_and_refuses_bad_arguments() {
+    const SIM: &str = env!("CARGO_BIN_EXE_simulate");
+    let out = Command::new(SIM)
+        .args(["--nodes", "60", "--lookups", "500", "--reference", "--json"])
+        .output()
+        .expect("simulate runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("--json prints one JSON object");
+    assert_eq!(report["nodes"], 60);
+    assert_eq!(report["fresh"]["lookups"], 500);
+    assert_eq!(report["fresh"]["misdelivered"], 0);
+    assert_eq!(report["reference"]["lookups"]["misdelivered"], 0);
+    for args in [
+        &["--nodes", "18446744073709551615"][..],
+        &["--nodes", "1000000000"],
+        &["--nodes", "1"],
+        &["--lookups", "0"],
+        &["--rounds", "99999999"],
+        &["--fail", "1.5"],
+        &["--leaf-set", "7"],
+        &["--bogus"],
+    ] {
+        let out = Command::new(SIM)
+            .args(args)
+            .output()
+            .expect("simulate runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}

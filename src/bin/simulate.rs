@@ -50,6 +50,10 @@ OPTIONS:
     -h, --help              this help
 ";
 
+const MAX_NODES: usize = 1_000_000;
+const MAX_LOOKUPS: usize = 100_000_000;
+const MAX_ROUNDS: usize = 100_000;
+
 struct Options {
     nodes: usize,
     lookups: usize,
@@ -118,8 +122,16 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    if o.nodes < 2 {
-        return Err("--nodes must be at least 2".into());
+    // Each simulated node takes about 25 KiB (2.4 GiB at 100,000): past a million
+    // the run would not fit in memory, so it is refused rather than left to abort.
+    if !(2..=MAX_NODES).contains(&o.nodes) {
+        return Err(format!("--nodes must be 2..={MAX_NODES}"));
+    }
+    if !(1..=MAX_LOOKUPS).contains(&o.lookups) {
+        return Err(format!("--lookups must be 1..={MAX_LOOKUPS}"));
+    }
+    if o.rounds > MAX_ROUNDS || o.churn.is_some_and(|c| c > MAX_ROUNDS) {
+        return Err(format!("--rounds and --churn must be at most {MAX_ROUNDS}"));
     }
     if o.leaf_set < 2 || !o.leaf_set.is_multiple_of(2) || o.leaf_set > 64 {
         return Err("--leaf-set must be even, 2..=64".into());

@@ -170,6 +170,10 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
             "--idle-timeout-ms" => {
                 limits.client_timeout = Duration::from_millis(count(arg, &value(arg)?, 1)? as u64)
             }
+            // "-1" where a port goes is a bad port, not an unknown option.
+            s if s.starts_with('-') && s[1..].parse::<i64>().is_ok() => {
+                return Err(format!("{s} is not a port number (0-65535)"))
+            }
             s if s.starts_with('-') && s.len() > 1 => return Err(format!("unknown option {s}")),
             _ => positional.push(arg.clone()),
         }

@@ -207,7 +207,7 @@ fn usage_errors_exit_two_with_a_short_message() {
         (&["localhost", "4000"], "not an IP address"),
         (&["127.0.0.256", "4000"], "not an IP address"),
         (&["127.0.0.1", "65536"], "not a port"),
-        (&["127.0.0.1", "-1"], ""),
+        (&["127.0.0.1", "-1"], "-1 is not a port number"),
         (&["127.0.0.1", "port"], "not a port"),
         (&["127.0.0.1", "4000", "127.0.0.1"], "got 3"),
         (&["127.0.0.1", "4000", "127.0.0.1", "4001", "x"], "got 5"),
@@ -359,6 +359,26 @@ fn unreachable_bootstrap_exits_one() {
         line.starts_with(&format!("error: cannot join through {free}")),
         "{line}"
     );
+
+    // Something takes the connection but never answers: the error says so,
+    // rather than the OS's "Resource temporarily unavailable".
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port().to_string();
+    let (status, _, err) = run(&[
+        "127.0.0.1",
+        "0",
+        "127.0.0.1",
+        &silent_port,
+        "--timeout-ms",
+        "300",
+    ]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("error: cannot join through") && l.contains("no answer in time")),
+        "{err}"
+    );
+    drop(silent);
 
     // Something listens, but it is not a Pastry node. A joining node first asks
     // its bootstrap for its state (nearest-neighbour discovery, see

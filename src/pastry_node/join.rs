@@ -153,7 +153,11 @@ pub fn join(
             node.set_active(true);
             return Err(JoinError::Refused(
                 bootstrap,
-                format!("unexpected reply to join: {other:?}"),
+                // Shown to the user: the reply as the wire had it, not Rust's debug form.
+                format!(
+                    "it answered the join with {}",
+                    serde_json::to_string(&other).unwrap_or_else(|_| format!("{other:?}"))
+                ),
             ));
         }
     };

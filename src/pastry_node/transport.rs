@@ -34,6 +34,16 @@ pub enum TransportError {
 impl fmt::Display for TransportError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            // A read that times out surfaces as WouldBlock ("Resource temporarily
+            // unavailable") on Linux: say what it means.
+            TransportError::Io(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                write!(f, "no answer in time ({e})")
+            }
             TransportError::Io(e) => write!(f, "{e}"),
             TransportError::Protocol(m) => write!(f, "protocol error: {m}"),
             TransportError::WrongNode(m) => write!(f, "wrong node: {m}"),

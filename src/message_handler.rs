@@ -158,11 +158,19 @@ pub enum Request {
         node: NodeInfo,
         buckets: Vec<u64>,
     },
+    /// "I am leaving" (the paper's graceful departure: tell the leaf set, hand
+    /// off the data, stop). Sent by a node that leaves, after it has handed its
+    /// keys over and closed its port, to every node in its state. Anyone can send
+    /// this naming any node, so it is not taken on trust: the receiver probes the
+    /// node and forgets it only if it no longer answers, as it would a suspect.
+    Leave {
+        node: NodeInfo,
+    },
 }
 
 /// Every request kind by its canonical name (aliases map to these), as `stats`
 /// counts them.
-pub const KINDS: [&str; 14] = [
+pub const KINDS: [&str; 15] = [
     "ping",
     "help",
     "put",
@@ -177,6 +185,7 @@ pub const KINDS: [&str; 14] = [
     "replicate",
     "fetch",
     "digest",
+    "leave",
 ];
 
 /// Other names a request type is accepted under (the original design's), with
@@ -216,6 +225,7 @@ impl Request {
             Request::Replicate { .. } => 11,
             Request::Fetch { .. } => 12,
             Request::Digest { .. } => 13,
+            Request::Leave { .. } => 14,
         }
     }
 }
@@ -495,7 +505,9 @@ fn validate(request: &Request) -> Result<(), (i64, String)> {
         | Request::Route { key }
         | Request::Fetch { key } => check_key(key),
         Request::Replicate { entries } => entries.iter().try_for_each(|e| check_key(&e.key)),
-        Request::Join { node } | Request::Announce { node, .. } => check_node(node),
+        Request::Join { node } | Request::Announce { node, .. } | Request::Leave { node } => {
+            check_node(node)
+        }
         Request::Digest { node, buckets } => {
             if buckets.is_empty() || buckets.len() > crate::pastry_node::anti_entropy::MAX_BUCKETS {
                 return Err((
@@ -566,6 +578,17 @@ pub fn handle(node: &Node, request: Request, transport: &dyn Transport) -> Reply
         Request::Join { node: joiner } => route_op(node, Op::Join { node: joiner }, 0, transport),
         Request::Forward { hops, op } => route_op(node, op, hops, transport),
         Request::Status => node.status(),
+        Request::Leave { node: from } => {
+            // The probe runs on the maintenance thread: the leaving node does not
+            // wait for it, and a forged notice costs one probe of a node we know.
+            if node.knows(&from.node_id) {
+                node.note_leaving(from);
+            }
+            Reply::Pong {
+                node_id: node.own().node_id,
+                addr: node.own().addr,
+            }
+        }
         Request::Digest {
             node: from,
             buckets,
@@ -1092,6 +1115,7 @@ mod tests {
                 node,
                 buckets: vec![0],
             },
+            Request::Leave { node },
         ];
         assert_eq!(requests.len(), KINDS.len());
         for (i, r) in requests.iter().enumerate() {

@@ -626,7 +626,7 @@ struct Gen {
     addrs: Vec<SocketAddr>,
 }
 
-const KINDS: [&str; 16] = [
+const KINDS: [&str; 17] = [
     "ping",
     "help",
     "put",
@@ -643,6 +643,7 @@ const KINDS: [&str; 16] = [
     "replicate",
     "fetch",
     "digest",
+    "leave",
 ];
 
 impl Gen {
@@ -779,6 +780,9 @@ impl Gen {
                 };
                 m.insert("hops".into(), hops);
                 m.insert("op".into(), self.op());
+            }
+            "leave" => {
+                m.insert("node".into(), self.node());
             }
             "digest" => {
                 m.insert("node".into(), self.node());

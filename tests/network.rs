@@ -783,3 +783,64 @@ fn large_values_are_refused_up_front_or_readable_everywhere() {
         assert_eq!(id_field(&g, "owner"), root);
     }
 }
+
+/// A node that leaves gracefully tells the nodes in its state (the paper's "tell
+/// the leaf set"); they find its port closed and remove it at once. No one counts
+/// it as failed, and leaf sets are repaired without waiting out a lease: the
+/// heartbeat here is 10 s, so failure detection cannot be what removes it.
+///
+/// A notice naming a node that still answers is ignored: anyone can send one.
+#[test]
+fn a_leaving_node_is_removed_at_once_and_a_forged_notice_is_ignored() {
+    let config = pastry::pastry_node::Config {
+        tick: Duration::from_secs(10),
+        ..support::test_config()
+    };
+    let mut c = LocalCluster::with(20, config, Bootstrap::Random(3));
+    c.wait_for_ideal_leaf_sets(CONVERGE);
+    let leaver = 6;
+    let leaver_id = c.id(leaver);
+    let knew: Vec<usize> = c
+        .live()
+        .into_iter()
+        .filter(|&i| c.node(i).node().knows(&leaver_id))
+        .collect();
+    assert!(knew.len() >= 16, "its leaf set knows it");
+    c.leave(leaver);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            knew.iter().all(|&i| !c.node(i).node().knows(&leaver_id))
+        }),
+        "nodes that knew it still do: {:?}",
+        knew.iter()
+            .filter(|&&i| c.node(i).node().knows(&leaver_id))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || c
+            .leaf_set_mismatches()
+            .is_empty()),
+        "{}",
+        c.describe_leaf_sets()
+    );
+    assert_eq!(peers_failed(&c), 0, "a departure is not a failure");
+
+    // A forged notice: node 2 is told that node 3, alive, is leaving.
+    let (told, named) = (2, 3);
+    let named_id = c.id(named);
+    assert!(c.node(told).node().knows(&named_id));
+    let r = rpc(
+        c.addr(told),
+        &json!({"type": "leave", "node": {"node_id": named_id.to_string(), "addr": c.addr(named).to_string()}}),
+    );
+    assert_eq!(r["type"], "pong", "{r}");
+    // The probe finds it alive: it is still known when the probe is long done.
+    assert!(
+        !wait_until(Duration::from_secs(2), || !c
+            .node(told)
+            .node()
+            .knows(&named_id)),
+        "a forged notice removed a live node"
+    );
+    assert_eq!(peers_failed(&c), 0);
+}

@@ -86,7 +86,11 @@ pub fn handle_event(node: &Node, event: Event, transport: &dyn Transport) -> boo
             let answers = transport.proximity_all(&peers, lease(node));
             for (peer, answer) in peers.into_iter().zip(answers) {
                 match answer {
-                    Ok(_) => node.heard_from(&peer.node_id),
+                    Ok(_) => {
+                        // Alive: a notice that it was leaving was early, or forged.
+                        node.take_leaving(&peer.node_id);
+                        node.heard_from(&peer.node_id);
+                    }
                     Err(_) => declare_dead(node, peer, transport),
                 }
             }
@@ -391,17 +395,28 @@ fn send(
 }
 
 fn declare_dead(node: &Node, peer: NodeInfo, transport: &dyn Transport) {
+    let left = node.take_leaving(&peer.node_id);
     let forgotten = node.forget(&peer.node_id);
     if !forgotten.known {
         return;
     }
-    node.count_peer_failed();
-    node.remember_departed(peer, node.ticks());
-    log::warn!(
-        "peer {} at {} failed; removed from our state",
-        peer.node_id.short(),
-        peer.addr
-    );
+    if left {
+        // It said goodbye: nothing failed, and there is no partition to heal by
+        // trying it again later.
+        log::info!(
+            "peer {} at {} left the network; removed from our state",
+            peer.node_id.short(),
+            peer.addr
+        );
+    } else {
+        node.count_peer_failed();
+        node.remember_departed(peer, node.ticks());
+        log::warn!(
+            "peer {} at {} failed; removed from our state",
+            peer.node_id.short(),
+            peer.addr
+        );
+    }
     // An announcement is how we ask: its reply carries the target's leaf set and
     // the rows of its routing table that we can use.
     let ask: Vec<NodeInfo> = forgotten
@@ -412,6 +427,26 @@ fn declare_dead(node: &Node, peer: NodeInfo, transport: &dyn Transport) {
     if !ask.is_empty() {
         announce(node, transport, ask);
     }
+}
+
+/// The last step of a graceful leave, once the node's port is closed: tells every
+/// node in its state that it is leaving, all at once, each given a lease to
+/// answer. Returns how many answered. Best effort: a node not told (or not in
+/// our state, though we are in its) finds out by its lease, as for a failure.
+pub fn say_goodbye(node: &Node, transport: &dyn Transport) -> usize {
+    let me = node.own();
+    let calls: Vec<(NodeInfo, Request)> = node
+        .known_nodes()
+        .into_iter()
+        .map(|peer| (peer, Request::Leave { node: me }))
+        .collect();
+    let told = transport
+        .call_all(&calls, lease(node))
+        .iter()
+        .filter(|r| r.is_ok())
+        .count();
+    log::info!("told {told} of {} nodes that we are leaving", calls.len());
+    told
 }
 
 /// Starts the maintenance thread of `node`.

@@ -29,7 +29,7 @@ pub mod server;
 pub mod store;
 pub mod transport;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -200,6 +200,9 @@ struct Shared {
     /// tried first: tried again now and then, so that the two sides of a
     /// partition find each other when it ends (`maintenance::retry_departed`).
     departed: Mutex<VecDeque<(NodeInfo, u64)>>,
+    /// Nodes that said they are leaving, until the probe that checks it is done:
+    /// if they are silent, their removal is a departure, not a failure.
+    leaving: Mutex<HashSet<NodeId>>,
     started: Instant,
 }
 
@@ -302,6 +305,7 @@ impl Node {
                 digest_cache: Mutex::new(None),
                 last_replicated_leaf_set: Mutex::new(Vec::new()),
                 departed: Mutex::new(VecDeque::new()),
+                leaving: Mutex::new(HashSet::new()),
                 started: Instant::now(),
             }),
         };
@@ -706,6 +710,25 @@ impl Node {
     /// Reports that `peer` did not answer a call.
     pub fn suspect(&self, peer: NodeInfo) {
         self.send(Event::Suspect(peer));
+    }
+
+    /// `peer`, a node we know, says it is leaving: it is probed like a suspect,
+    /// and removed if silent (see `Request::Leave`).
+    pub fn note_leaving(&self, peer: NodeInfo) {
+        self.leaving().insert(peer.node_id);
+        self.suspect(peer);
+    }
+
+    /// Whether `id` said it was leaving; forgets that it did.
+    pub(crate) fn take_leaving(&self, id: &NodeId) -> bool {
+        self.leaving().remove(id)
+    }
+
+    fn leaving(&self) -> std::sync::MutexGuard<'_, HashSet<NodeId>> {
+        self.shared
+            .leaving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn send(&self, event: Event) {
@@ -1315,7 +1338,10 @@ impl RunningNode {
     /// the others took.
     pub fn leave(&mut self) -> usize {
         let taken = maintenance::hand_off(&self.node, self.transport.as_ref());
+        // Closed first, so that the nodes told next find the port shut when they
+        // check, and remove us at once instead of waiting out a lease.
         self.shutdown();
+        maintenance::say_goodbye(&self.node, self.transport.as_ref());
         taken
     }
 

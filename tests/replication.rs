@@ -172,7 +172,7 @@ fn anti_entropy_restores_a_lost_copy() {
     let lose = |i: usize, member: usize| {
         let holder = c.index_of(&replica_set(&c, &key(i))[member]).unwrap();
         let e = c.node(holder).node().store_entry(&key(i)).unwrap();
-        assert!(c.node(holder).node().drop_copy(&key(i), e.version));
+        assert!(c.node(holder).node().drop_copy(&key(i), &e));
     };
     lose(0, 1);
     lose(0, 2);

@@ -737,8 +737,9 @@ impl Node {
         Ok(written)
     }
 
-    /// Takes in a copy of `key` from another node if it is newer than ours.
-    /// Returns whether it was taken; `Err` if it is newer but would take the
+    /// Takes in a copy of `key` from another node if it ranks above ours
+    /// ([`store::rank`]: newer, or the winner of a same-version tie). Returns
+    /// whether it was taken; `Err` if it ranks above ours but would take the
     /// store past its caps.
     pub fn store_apply(&self, key: &str, entry: Versioned) -> Result<bool, StoreFull> {
         // A tombstone past its lifetime has been dropped here, or soon will be:
@@ -747,18 +748,26 @@ impl Node {
             return Ok(false);
         }
         let c = &self.shared.config;
-        let charge = store::charge(key, &entry);
+        // Encoded before the lock is taken: the text is what the store keeps,
+        // what its cap counts, and what breaks a same-version tie.
+        let key_id = NodeId::for_key(key);
+        let text = entry.text();
+        let charge = store::charge(key, text.as_deref());
+        let rank = store::rank(entry.version, text.as_deref().map(str::as_bytes));
         let mut store = self.store_mut();
-        let old = store.record(key).map(|r| (r.version, r.deleted));
-        let newer = old.is_none_or(|old| (entry.version, entry.deleted) > old);
-        if newer && !store.fits(key, charge, c.max_store_keys, c.max_store_bytes) {
+        let old = store.record_at(key_id, key);
+        if old.is_some_and(|r| rank <= r.rank()) {
+            return Ok(false);
+        }
+        if !store.fits(key, charge, c.max_store_keys, c.max_store_bytes) {
             return Err(StoreFull);
         }
+        let old = old.map(|r| (r.version, r.deleted));
         let new = (entry.version, entry.deleted);
-        let applied = store.apply(key, entry);
+        let applied = store.apply_text(key_id, key, entry.version, text);
         drop(store);
         if applied {
-            self.digest_change(&NodeId::for_key(key), old, Some(new));
+            self.digest_change(&key_id, old, Some(new));
         }
         Ok(applied)
     }
@@ -1076,11 +1085,12 @@ impl Node {
         out
     }
 
-    /// Drops our copy of `key` if it is still at `version`.
-    pub fn drop_copy(&self, key: &str, version: u64) -> bool {
+    /// Drops our copy of `key` if it is still `copy` (the one we handed over).
+    pub fn drop_copy(&self, key: &str, copy: &Versioned) -> bool {
+        let text = copy.text();
         let mut store = self.store_mut();
         let old = store.record(key).map(|r| (r.version, r.deleted));
-        let dropped = store.remove_version(key, version);
+        let dropped = store.remove_copy(key, copy.version, text.as_deref());
         drop(store);
         if dropped {
             self.digest_change(&NodeId::for_key(key), old, None);
@@ -1380,7 +1390,7 @@ mod tests {
                 }
                 2 => {
                     let e = node.store_entry(&format!("k{i}")).unwrap();
-                    node.drop_copy(&format!("k{i}"), e.version);
+                    assert!(node.drop_copy(&format!("k{i}"), &e));
                 }
                 _ => {
                     let copy = Versioned {

@@ -143,7 +143,8 @@ pub enum Request {
     },
     /// Copies of keys for a member of their replica set: from the root on every
     /// write, and from any holder when the replica set changes. The receiver keeps
-    /// each copy that is newer than its own.
+    /// each copy that ranks above its own (newer, or the winner of a tie at the
+    /// same version: `store::rank`).
     Replicate {
         entries: Vec<KeyEntry>,
     },
@@ -362,8 +363,8 @@ pub enum Reply {
         #[serde(default)]
         rows: Vec<NodeInfo>,
     },
-    /// The reply to `replicate`: how many of the copies were newer and kept, and
-    /// how many were refused (too large, or the store is full).
+    /// The reply to `replicate`: how many of the copies ranked above ours and were
+    /// kept, and how many were refused (too large, or the store is full).
     Replicated {
         applied: usize,
         #[serde(default)]

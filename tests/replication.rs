@@ -172,13 +172,66 @@ fn anti_entropy_restores_a_lost_copy() {
     let lose = |i: usize, member: usize| {
         let holder = c.index_of(&replica_set(&c, &key(i))[member]).unwrap();
         let e = c.node(holder).node().store_entry(&key(i)).unwrap();
-        assert!(c.node(holder).node().drop_copy(&key(i), e.version));
+        assert!(c.node(holder).node().drop_copy(&key(i), &e));
     };
     lose(0, 1);
     lose(0, 2);
     lose(1, 0);
     assert!(back_to_k_copies(&c, count).is_err());
     wait_for("lost copies restored", || back_to_k_copies(&c, count));
+}
+
+/// Regression: two roots that wrote one key in the same millisecond (routing
+/// briefly inconsistent) left two replicas with different values at one
+/// version, for good: neither copy replaced the other, and digests did not
+/// tell them apart. Now the digests differ, the copies are exchanged, and
+/// every replica keeps the value whose JSON text is greater.
+#[test]
+fn replicas_with_different_values_at_one_version_converge() {
+    let config = pastry::pastry_node::Config {
+        replication_period_ticks: 2,
+        ..test_config()
+    };
+    let c = LocalCluster::with(8, config, Bootstrap::Random(11));
+    c.wait_for_ideal_leaf_sets(DEADLINE);
+    // Past the pushes for the last leaf-set change (they would carry each copy
+    // to the other replicas at once): from here only anti-entropy can, and it
+    // must first see the copies differ.
+    let ticks = || c.live().into_iter().map(|i| c.node(i).node().ticks());
+    let settled = ticks().max().unwrap() + 2;
+    assert!(wait_until(DEADLINE, || ticks().all(|t| t >= settled)));
+    let k = "same-millisecond";
+    let set = replica_set(&c, k);
+    let member = |m: usize| c.index_of(&set[m]).unwrap();
+    // What two roots' pushes would have left: one value on one replica, the
+    // other on the next, at the same version.
+    let version = 1_700_000_000_000u64;
+    for (m, value) in [(0, "blue"), (1, "red")] {
+        let r = rpc(
+            c.addr(member(m)),
+            &json!({"type": "replicate", "entries": [
+                {"key": k, "version": version, "value": value}
+            ]}),
+        );
+        assert_eq!(r["applied"], 1, "{r}");
+    }
+    let value_of = |m: usize| c.node(member(m)).node().store_entry(k);
+    // "\"red\"" is greater than "\"blue\"" byte-wise.
+    wait_for("every replica holding the same value", || {
+        let held: Vec<_> = (0..K).map(value_of).collect();
+        if held.iter().all(|e| {
+            e.as_ref()
+                .is_some_and(|e| e.version == version && e.value == "red")
+        }) {
+            Ok(())
+        } else {
+            Err(format!("replicas hold {held:?}"))
+        }
+    });
+    for i in c.live() {
+        let r = rpc(c.addr(i), &json!({"type": "get", "key": k}));
+        assert_eq!(r["value"], "red", "from node {i}: {r}");
+    }
 }
 
 /// A tombstone expires once its lifetime has passed, on every replica, and the

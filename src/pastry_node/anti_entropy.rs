@@ -15,7 +15,17 @@
 //! Both sides must bucket and hash identically, so the hash is a fixed function
 //! (SplitMix64's finalizer), never the standard library's randomly seeded one.
 //! A bucket's hash is the wrapping sum of its entries' hashes: independent of
-//! order, so it can be accumulated in one pass over the store.
+//! order, so it can be accumulated in one pass over the store, and kept up to
+//! date by adding a copy's hash and subtracting the one it replaced.
+//!
+//! A copy's hash covers its value, not only its version: two roots that write a
+//! key in the same millisecond (while routing is briefly inconsistent) make two
+//! copies of one version with different values, and a digest blind to values
+//! would call those replicas equal forever. Once the digests differ, the copies
+//! are exchanged and the store's order (see `store`) picks the same winner on
+//! both sides. The value's hash is taken from its stored JSON text when needed,
+//! not kept with the record: the store's one-allocation layout stays as small
+//! as it was, and hashing a small value costs little next to the walk.
 //!
 //! Pure: no sockets, locks, clocks or logging.
 
@@ -48,9 +58,57 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The hash of one copy: its key id, version and whether it is a tombstone.
-pub fn entry_hash(key_id: &NodeId, version: u64, deleted: bool) -> u64 {
-    let mut h = mix(version ^ u64::from(deleted) << 63);
+/// What a digest counts of one copy of a key: enough to tell apart any two
+/// copies the store would not take as the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Summary {
+    pub version: u64,
+    /// True for a tombstone.
+    pub deleted: bool,
+    /// [`value_hash`] of the value's JSON text (of no bytes in a tombstone).
+    pub value: u64,
+}
+
+impl Summary {
+    /// The summary of a copy whose value is stored as `text` (`None`: a
+    /// tombstone, which keeps no value).
+    pub fn new(version: u64, text: Option<&[u8]>) -> Summary {
+        Summary {
+            version,
+            deleted: text.is_none(),
+            value: value_hash(text.unwrap_or_default()),
+        }
+    }
+}
+
+/// A fixed hash of a value's JSON text, eight bytes a step. Not collision-proof
+/// against a writer who crafts values for it; a collision would only hide a
+/// difference from digests, and copies that meet by any other path (a write's
+/// push, a read) still settle on one value.
+pub fn value_hash(text: &[u8]) -> u64 {
+    // The length first, so that texts that differ only by trailing zero padding
+    // of the last word hash differently.
+    let mut h = mix(text.len() as u64 ^ 0x9e37_79b9_7f4a_7c15);
+    let mut words = text.chunks_exact(8);
+    for word in &mut words {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(word);
+        h = mix(h ^ u64::from_le_bytes(w));
+    }
+    let rest = words.remainder();
+    if !rest.is_empty() {
+        let mut w = [0u8; 8];
+        w[..rest.len()].copy_from_slice(rest);
+        h = mix(h ^ u64::from_le_bytes(w));
+    }
+    h
+}
+
+/// The hash of one copy: its key id, version, whether it is a tombstone, and
+/// its value.
+pub fn entry_hash(key_id: &NodeId, copy: &Summary) -> u64 {
+    let mut h = mix(copy.version ^ u64::from(copy.deleted) << 63);
+    h = mix(h ^ copy.value);
     for chunk in key_id.0.chunks(8) {
         let mut word = [0u8; 8];
         word[..chunk.len()].copy_from_slice(chunk);
@@ -72,15 +130,16 @@ impl Digest {
         }
     }
 
-    pub fn add(&mut self, key_id: &NodeId, version: u64, deleted: bool) {
+    pub fn add(&mut self, key_id: &NodeId, copy: &Summary) {
         let b = bucket_of(key_id, self.buckets.len());
-        self.buckets[b] = self.buckets[b].wrapping_add(entry_hash(key_id, version, deleted));
+        self.buckets[b] = self.buckets[b].wrapping_add(entry_hash(key_id, copy));
     }
 
     /// Takes a copy out again (it was replaced or dropped): sums are reversible.
-    pub fn remove(&mut self, key_id: &NodeId, version: u64, deleted: bool) {
+    /// `copy` must be the summary it was added with, value hash included.
+    pub fn remove(&mut self, key_id: &NodeId, copy: &Summary) {
         let b = bucket_of(key_id, self.buckets.len());
-        self.buckets[b] = self.buckets[b].wrapping_sub(entry_hash(key_id, version, deleted));
+        self.buckets[b] = self.buckets[b].wrapping_sub(entry_hash(key_id, copy));
     }
 
     /// The buckets in which `other` differs from us (both must have as many).
@@ -150,33 +209,66 @@ impl ReplicaRing {
 mod tests {
     use super::*;
 
-    /// Copies as (key, version, tombstone).
-    type Copies<'a> = &'a [(&'a str, u64, bool)];
+    /// Copies as (key, version, value text); `None` is a tombstone.
+    type Copies<'a> = &'a [(&'a str, u64, Option<&'a str>)];
 
     fn digest(entries: Copies<'_>, buckets: usize) -> Digest {
         let mut d = Digest::new(buckets);
-        for (k, v, del) in entries {
-            d.add(&NodeId::for_key(k), *v, *del);
+        for (k, v, text) in entries {
+            d.add(
+                &NodeId::for_key(k),
+                &Summary::new(*v, text.map(str::as_bytes)),
+            );
         }
         d
     }
 
     #[test]
     fn equal_copies_give_equal_digests_in_any_order() {
-        let a = digest(&[("a", 1, false), ("b", 2, false), ("c", 3, true)], 4);
-        let b = digest(&[("c", 3, true), ("a", 1, false), ("b", 2, false)], 4);
+        let a = digest(
+            &[("a", 1, Some("1")), ("b", 2, Some("2")), ("c", 3, None)],
+            4,
+        );
+        let b = digest(
+            &[("c", 3, None), ("a", 1, Some("1")), ("b", 2, Some("2"))],
+            4,
+        );
         assert!(a.differing(&b.buckets).is_empty());
     }
 
     #[test]
-    fn a_missing_newer_or_deleted_copy_shows_in_its_bucket_only() {
-        let base = [("a", 1, false), ("b", 2, false), ("c", 3, false)];
+    fn a_missing_newer_deleted_or_other_valued_copy_shows_in_its_bucket_only() {
+        let base = [
+            ("a", 1, Some("1")),
+            ("b", 2, Some("2")),
+            ("c", 3, Some("3")),
+        ];
         let full = digest(&base, 64);
         let bucket = |k: &str| bucket_of(&NodeId::for_key(k), 64) as u32;
-        let cases: [(Copies<'_>, &str); 3] = [
-            (&[("a", 1, false), ("b", 2, false)], "c"),
-            (&[("a", 1, false), ("b", 9, false), ("c", 3, false)], "b"),
-            (&[("a", 1, true), ("b", 2, false), ("c", 3, false)], "a"),
+        let cases: [(Copies<'_>, &str); 4] = [
+            (&[("a", 1, Some("1")), ("b", 2, Some("2"))], "c"),
+            (
+                &[
+                    ("a", 1, Some("1")),
+                    ("b", 9, Some("2")),
+                    ("c", 3, Some("3")),
+                ],
+                "b",
+            ),
+            (
+                &[("a", 1, None), ("b", 2, Some("2")), ("c", 3, Some("3"))],
+                "a",
+            ),
+            // Same versions, one value differs: two roots wrote "c" in one
+            // millisecond.
+            (
+                &[
+                    ("a", 1, Some("1")),
+                    ("b", 2, Some("2")),
+                    ("c", 3, Some("4")),
+                ],
+                "c",
+            ),
         ];
         for (other, key) in cases {
             assert_eq!(
@@ -185,6 +277,37 @@ mod tests {
                 "{key}"
             );
         }
+    }
+
+    /// Regression: digests hashed (key, version, tombstone) only, so replicas
+    /// holding different values at one version looked equal and never
+    /// exchanged them.
+    #[test]
+    fn copies_of_one_version_with_different_values_give_different_digests() {
+        for (x, y) in [
+            (r#""red""#, r#""blue""#),
+            ("1", "2"),
+            ("{}", "[]"),
+            ("null", "0"),
+        ] {
+            for buckets in [1, 7] {
+                let a = digest(&[("k", 5, Some(x)), ("other", 5, Some("1"))], buckets);
+                let b = digest(&[("k", 5, Some(y)), ("other", 5, Some("1"))], buckets);
+                assert_eq!(
+                    a.differing(&b.buckets),
+                    vec![bucket_of(&NodeId::for_key("k"), buckets) as u32],
+                    "{x} vs {y}"
+                );
+            }
+        }
+        // Texts that differ only past the first eight bytes, or by a trailing
+        // byte the last word's padding would hide.
+        let long = |c: char| format!("\"{}{c}\"", "x".repeat(20));
+        assert_ne!(
+            value_hash(long('a').as_bytes()),
+            value_hash(long('b').as_bytes())
+        );
+        assert_ne!(value_hash(b"12345678"), value_hash(b"12345678\0"));
     }
 
     #[test]
@@ -221,10 +344,11 @@ mod tests {
 
     #[test]
     fn removing_a_copy_undoes_adding_it() {
-        let mut d = digest(&[("a", 1, false), ("b", 2, false)], 8);
+        let mut d = digest(&[("a", 1, Some("1")), ("b", 2, Some("2"))], 8);
         let before = d.clone();
-        d.add(&NodeId::for_key("c"), 3, false);
-        d.remove(&NodeId::for_key("c"), 3, false);
+        let copy = Summary::new(3, Some(b"\"c\""));
+        d.add(&NodeId::for_key("c"), &copy);
+        d.remove(&NodeId::for_key("c"), &copy);
         assert_eq!(d, before);
     }
 

@@ -231,7 +231,8 @@ fn retry_departed(node: &Node, transport: &dyn Transport, tick: u64) {
 const REPLICATE_BATCH_BYTES: usize = 256 * 1024;
 
 /// Pushes every key we hold as root or replica to the other members of its
-/// replica set, in batches. Receivers keep only what is newer than their copy.
+/// replica set, in batches. Receivers keep only what ranks above their copy
+/// (see `store::rank`).
 fn push_replicas(node: &Node, transport: &dyn Transport, round: &ReplicationRound) {
     for (peer, entries) in node.replication_batches(round) {
         for chunk in batches(entries) {
@@ -305,7 +306,7 @@ fn anti_entropy(node: &Node, transport: &dyn Transport) {
     let dropped = stale
         .iter()
         .filter(|(_, set)| !set.iter().any(|p| failed.contains(p)))
-        .filter(|(e, _)| node.drop_copy(&e.key, e.entry.version))
+        .filter(|(e, _)| node.drop_copy(&e.key, &e.entry))
         .count();
     if dropped > 0 {
         log::info!("dropped {dropped} copies now held by their replica sets");
@@ -358,8 +359,8 @@ fn send_batch(
 }
 
 /// Sends one batch of copies; returns whether the peer answered that it holds
-/// every one of them now (each taken, or a copy at least as new held already),
-/// none refused (a full store refuses).
+/// every one of them now (each taken, or a copy that ranks at least as high held
+/// already), none refused (a full store refuses).
 fn send_batch_ok(
     node: &Node,
     transport: &dyn Transport,

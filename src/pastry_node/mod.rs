@@ -253,6 +253,12 @@ fn wall_clock_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// What a digest counts of a stored copy (its value hashed from the stored
+/// text), taken under the store's lock.
+fn summary(r: &store::Record<'_>) -> anti_entropy::Summary {
+    anti_entropy::Summary::new(r.version, r.text())
+}
+
 /// What [`Node::forget`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Forgotten {
@@ -741,10 +747,12 @@ impl Node {
     pub fn store_write(&self, key: &str, value: Option<Value>) -> Result<Versioned, StoreFull> {
         let now_ms = wall_clock_ms();
         let c = &self.shared.config;
-        // Measured before the lock is taken.
-        let charge = key
-            .len()
-            .saturating_add(value.as_ref().map_or(0, store::json_len));
+        // Encoded and measured before the lock is taken.
+        let key_id = NodeId::for_key(key);
+        let text = value.as_ref().map(Value::to_string);
+        let charge = store::charge(key, text.as_deref());
+        // The version is the store's to pick; the value's hash is known now.
+        let mut new = anti_entropy::Summary::new(0, text.as_deref().map(str::as_bytes));
         let mut store = self.store_mut();
         // The check and the write under one lock: concurrent writers cannot
         // overshoot the caps together.
@@ -752,16 +760,21 @@ impl Node {
         if !fits {
             return Err(StoreFull);
         }
-        let old = store.record(key).map(|r| (r.version, r.deleted));
-        let written = store.write(key, value, now_ms);
+        let old = store.record_at(key_id, key).map(|r| summary(&r));
+        let version = store.write_text(key_id, key, text, now_ms);
         drop(store);
-        let new = Some((written.version, written.deleted));
-        self.digest_change(&NodeId::for_key(key), old, new);
-        Ok(written)
+        new.version = version;
+        self.digest_change(&key_id, old, Some(new));
+        Ok(Versioned {
+            version,
+            deleted: value.is_none(),
+            value: value.unwrap_or(Value::Null),
+        })
     }
 
-    /// Takes in a copy of `key` from another node if it is newer than ours.
-    /// Returns whether it was taken; `Err` if it is newer but would take the
+    /// Takes in a copy of `key` from another node if it ranks above ours
+    /// ([`store::rank`]: newer, or the winner of a same-version tie). Returns
+    /// whether it was taken; `Err` if it ranks above ours but would take the
     /// store past its caps.
     pub fn store_apply(&self, key: &str, entry: Versioned) -> Result<bool, StoreFull> {
         // A tombstone past its lifetime has been dropped here, or soon will be:
@@ -770,18 +783,27 @@ impl Node {
             return Ok(false);
         }
         let c = &self.shared.config;
-        let charge = store::charge(key, &entry);
+        // Encoded before the lock is taken: the text is what the store keeps,
+        // what its cap counts, and what breaks a same-version tie.
+        let key_id = NodeId::for_key(key);
+        let text = entry.text();
+        let bytes = text.as_deref().map(str::as_bytes);
+        let charge = store::charge(key, text.as_deref());
+        let new = anti_entropy::Summary::new(entry.version, bytes);
+        let rank = store::rank(entry.version, bytes);
         let mut store = self.store_mut();
-        let old = store.record(key).map(|r| (r.version, r.deleted));
-        let newer = old.is_none_or(|old| (entry.version, entry.deleted) > old);
-        if newer && !store.fits(key, charge, c.max_store_keys, c.max_store_bytes) {
+        let old = store.record_at(key_id, key);
+        if old.is_some_and(|r| rank <= r.rank()) {
+            return Ok(false);
+        }
+        if !store.fits(key, charge, c.max_store_keys, c.max_store_bytes) {
             return Err(StoreFull);
         }
-        let new = (entry.version, entry.deleted);
-        let applied = store.apply(key, entry);
+        let old = old.map(|r| summary(&r));
+        let applied = store.apply_text(key_id, key, entry.version, text);
         drop(store);
         if applied {
-            self.digest_change(&NodeId::for_key(key), old, Some(new));
+            self.digest_change(&key_id, old, Some(new));
         }
         Ok(applied)
     }
@@ -902,16 +924,17 @@ impl Node {
         (ring, me)
     }
 
-    /// (key id, version, tombstone) of every copy we hold, expired tombstones
+    /// The key id and digest summary of every copy we hold, expired tombstones
     /// left out (one side may have dropped its copy already: they must not make
     /// digests differ). Copied out so that the store's lock is held only for a
-    /// quick walk, not while replica sets are worked out.
-    fn copies(&self) -> Vec<(NodeId, u64, bool)> {
+    /// quick walk (hashing each value as it goes), not while replica sets are
+    /// worked out.
+    fn copies(&self) -> Vec<(NodeId, anti_entropy::Summary)> {
         let cutoff = self.tombstone_cutoff();
         self.store()
             .iter()
             .filter(|r| !(r.deleted && r.version < cutoff))
-            .map(|r| (r.key_id, r.version, r.deleted))
+            .map(|r| (r.key_id, summary(&r)))
             .collect()
     }
 
@@ -926,7 +949,7 @@ impl Node {
         let mut shared: Vec<(u32, u8)> = Vec::new();
         let mut counts = vec![0usize; ring.nodes().len()];
         let mut set = Vec::with_capacity(k);
-        for (c, (key_id, _, _)) in copies.iter().enumerate() {
+        for (c, (key_id, _)) in copies.iter().enumerate() {
             ring.replica_set(key_id, k, &mut set);
             if set.contains(&me) {
                 for &m in set.iter().filter(|&&m| m != me) {
@@ -940,8 +963,8 @@ impl Node {
             .map(|&n| anti_entropy::Digest::new(anti_entropy::bucket_count(n)))
             .collect();
         for (c, m) in shared {
-            let (key_id, version, deleted) = &copies[c as usize];
-            digests[m as usize].add(key_id, *version, *deleted);
+            let (key_id, copy) = &copies[c as usize];
+            digests[m as usize].add(key_id, copy);
         }
         // A member we share nothing with gets no digest: what it holds that we
         // should have, it sends us in its own round.
@@ -979,8 +1002,15 @@ impl Node {
     }
 
     /// Keeps the cached digests true when a copy changes: `old` and `new` are
-    /// (version, tombstone) before and after, `None` for no copy.
-    fn digest_change(&self, key_id: &NodeId, old: Option<(u64, bool)>, new: Option<(u64, bool)>) {
+    /// the copy's summaries before and after (value hash included: a copy
+    /// replaced by one of the same version changes the digest too), `None` for
+    /// no copy.
+    fn digest_change(
+        &self,
+        key_id: &NodeId,
+        old: Option<anti_entropy::Summary>,
+        new: Option<anti_entropy::Summary>,
+    ) {
         let mut cache = self.digest_cache();
         let Some(c) = cache.as_mut() else {
             return;
@@ -992,11 +1022,11 @@ impl Node {
         }
         for m in set {
             if let Some(Some(d)) = c.digests.get_mut(m) {
-                if let Some((version, deleted)) = old {
-                    d.remove(key_id, version, deleted);
+                if let Some(copy) = &old {
+                    d.remove(key_id, copy);
                 }
-                if let Some((version, deleted)) = new {
-                    d.add(key_id, version, deleted);
+                if let Some(copy) = &new {
+                    d.add(key_id, copy);
                 }
             }
         }
@@ -1028,10 +1058,10 @@ impl Node {
         };
         let k = self.replicas();
         let mut set = Vec::with_capacity(k);
-        for (key_id, version, deleted) in self.copies() {
+        for (key_id, copy) in self.copies() {
             ring.replica_set(&key_id, k, &mut set);
             if set.contains(&me) && set.contains(&p) {
-                digest.add(&key_id, version, deleted);
+                digest.add(&key_id, &copy);
             }
         }
         digest
@@ -1099,11 +1129,12 @@ impl Node {
         out
     }
 
-    /// Drops our copy of `key` if it is still at `version`.
-    pub fn drop_copy(&self, key: &str, version: u64) -> bool {
+    /// Drops our copy of `key` if it is still `copy` (the one we handed over).
+    pub fn drop_copy(&self, key: &str, copy: &Versioned) -> bool {
+        let text = copy.text();
         let mut store = self.store_mut();
-        let old = store.record(key).map(|r| (r.version, r.deleted));
-        let dropped = store.remove_version(key, version);
+        let old = store.record(key).map(|r| summary(&r));
+        let dropped = store.remove_copy(key, copy.version, text.as_deref());
         drop(store);
         if dropped {
             self.digest_change(&NodeId::for_key(key), old, None);
@@ -1385,8 +1416,9 @@ mod tests {
         node
     }
 
-    /// The cached digests, kept up to date through writes, copies taken,
-    /// deletes and dropped copies, equal digests made afresh from the store.
+    /// The cached digests, kept up to date through writes, copies taken (one
+    /// that wins a same-version tie among them), deletes and dropped copies,
+    /// equal digests made afresh from the store.
     #[test]
     fn cached_digests_stay_equal_to_fresh_ones() {
         let node = node_with_leaf_set(16);
@@ -1396,7 +1428,7 @@ mod tests {
         let round = node.digests();
         assert!(!round.is_empty());
         for i in 0..3000 {
-            match i % 4 {
+            match i % 5 {
                 0 => {
                     node.store_write(&format!("k{i}"), Some(json!("new")))
                         .unwrap();
@@ -1406,15 +1438,22 @@ mod tests {
                 }
                 2 => {
                     let e = node.store_entry(&format!("k{i}")).unwrap();
-                    node.drop_copy(&format!("k{i}"), e.version);
+                    assert!(node.drop_copy(&format!("k{i}"), &e));
                 }
-                _ => {
+                3 => {
                     let copy = Versioned {
                         version: u64::MAX / 2,
                         deleted: false,
                         value: json!("copy"),
                     };
                     node.store_apply(&format!("new{i}"), copy).unwrap();
+                }
+                _ => {
+                    // Same version, greater text (`{` sorts above digits):
+                    // replaces the value only.
+                    let mut copy = node.store_entry(&format!("k{i}")).unwrap();
+                    copy.value = json!({ "tie": i });
+                    assert!(node.store_apply(&format!("k{i}"), copy).unwrap());
                 }
             }
         }

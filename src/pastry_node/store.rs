@@ -9,6 +9,14 @@
 //! than the version it holds if that is larger, so that versions grow even when a
 //! new root's clock is behind.
 //!
+//! Copies of a key are ordered totally ([`rank`]): by version, then a tombstone
+//! above a value, then the greater value text, byte by byte. The last step is
+//! for two roots that wrote the key in the same millisecond (routing briefly
+//! inconsistent): without it neither copy would replace the other and the
+//! replicas would keep different values for good. Every path that decides
+//! whether one copy replaces another (a copy taken in, a read's fetch, a
+//! handed-over copy dropped) uses this one order.
+//!
 //! # Layout
 //!
 //! A node may hold millions of small keys, so the layout is chosen for memory
@@ -52,11 +60,40 @@ pub struct Versioned {
 }
 
 impl Versioned {
-    /// Whether `self` should replace `other`: a higher version wins; at the same
-    /// version a tombstone wins, so that a delete is never undone.
+    /// Whether `self` should replace `other` in the order of [`rank`]. The
+    /// values are encoded only when the versions and tombstone flags tie.
     pub fn supersedes(&self, other: &Versioned) -> bool {
-        (self.version, self.deleted) > (other.version, other.deleted)
+        if (self.version, self.deleted) != (other.version, other.deleted) {
+            return (self.version, self.deleted) > (other.version, other.deleted);
+        }
+        // A tie: the values decide, encoded only now.
+        let (ours, theirs) = (self.text(), other.text());
+        let ours = rank(self.version, ours.as_deref().map(str::as_bytes));
+        ours > rank(other.version, theirs.as_deref().map(str::as_bytes))
     }
+
+    /// The value as the store keeps it: compact JSON text, `None` for a
+    /// tombstone (which keeps no value, whatever the copy carried).
+    pub fn text(&self) -> Option<String> {
+        (!self.deleted).then(|| self.value.to_string())
+    }
+}
+
+/// Where a copy of a key at `version` whose value is stored as `text` (`None`:
+/// a tombstone) stands among the key's copies: the greater rank replaces the
+/// lesser, and equal ranks are the same copy.
+///
+/// A higher version wins (the later write). At the same version a tombstone
+/// wins, so that a delete is never undone. Two values at the same version (two
+/// roots wrote in one millisecond) are ordered by their JSON text, byte-wise:
+/// every node holds the same text for the same value (it is what `serde_json`
+/// writes, and what it reads back it writes again unchanged), so every node
+/// picks the same winner. The text rather than a hash of it: distinct values
+/// never tie, and the comparison needs nothing both sides do not have already
+/// (the stored text, and the copy's text, made anyway to charge it against
+/// the store's cap).
+pub fn rank(version: u64, text: Option<&[u8]>) -> (u64, bool, &[u8]) {
+    (version, text.is_none(), text.unwrap_or_default())
 }
 
 /// A stored entry as the store holds it, borrowed: what iteration yields.
@@ -91,6 +128,16 @@ impl<'a> Record<'a> {
             return Value::Null;
         }
         serde_json::from_slice(self.value).unwrap_or(Value::Null)
+    }
+
+    /// Where this copy stands among the key's copies (see [`rank`]).
+    pub fn rank(&self) -> (u64, bool, &'a [u8]) {
+        rank(self.version, (!self.deleted).then_some(self.value))
+    }
+
+    /// The value's JSON text as stored, `None` in a tombstone.
+    pub fn text(&self) -> Option<&'a [u8]> {
+        (!self.deleted).then_some(self.value)
     }
 
     /// The entry in the form replicas exchange.
@@ -242,15 +289,11 @@ pub struct Store {
 }
 
 /// What one entry counts against the store's byte cap: the key's bytes and the
-/// value as JSON (nothing for a tombstone's value). The memory it takes is more
-/// (the map's own overhead per entry); the cap on entries bounds that part.
-pub fn charge(key: &str, entry: &Versioned) -> usize {
-    let value = if entry.deleted {
-        0
-    } else {
-        json_len(&entry.value)
-    };
-    key.len().saturating_add(value)
+/// value's JSON `text` (`None` for a tombstone, which keeps no value). The
+/// memory it takes is more (the map's own overhead per entry); the cap on
+/// entries bounds that part.
+pub fn charge(key: &str, text: Option<&str>) -> usize {
+    key.len().saturating_add(text.map_or(0, str::len))
 }
 
 /// The length of `value` as compact JSON, counted without building the string.
@@ -295,12 +338,7 @@ impl Store {
         now_ms: u64,
     ) -> Versioned {
         let text = value.as_ref().map(Value::to_string);
-        let mut version = now_ms;
-        self.update(key_id, key, |old| {
-            let previous = old.map_or(0, |r| r.version);
-            version = now_ms.max(previous.saturating_add(1));
-            Some((version, text))
-        });
+        let version = self.write_text(key_id, key, text, now_ms);
         Versioned {
             version,
             deleted: value.is_none(),
@@ -308,24 +346,50 @@ impl Store {
         }
     }
 
-    /// Takes in a copy from another node if it is newer than ours. Returns true
-    /// if it was taken.
+    /// [`Store::write_at`] with the value already encoded as compact JSON text
+    /// (`None`: a delete), so that a caller can encode it before taking a lock;
+    /// returns the new version.
+    pub fn write_text(
+        &mut self,
+        key_id: NodeId,
+        key: &str,
+        text: Option<String>,
+        now_ms: u64,
+    ) -> u64 {
+        let mut version = now_ms;
+        self.update(key_id, key, |old| {
+            let previous = old.map_or(0, |r| r.version);
+            version = now_ms.max(previous.saturating_add(1));
+            Some((version, text))
+        });
+        version
+    }
+
+    /// Takes in a copy from another node if it ranks above ours (see [`rank`]).
+    /// Returns true if it was taken.
     pub fn apply(&mut self, key: &str, entry: Versioned) -> bool {
         self.apply_at(NodeId::for_key(key), key, entry)
     }
 
     /// [`Store::apply`] for a key whose id the caller gives.
     pub fn apply_at(&mut self, key_id: NodeId, key: &str, entry: Versioned) -> bool {
+        let text = entry.text();
+        self.apply_text(key_id, key, entry.version, text)
+    }
+
+    /// [`Store::apply_at`] with the copy's value already encoded (`None`: a
+    /// tombstone; [`Versioned::text`] makes it).
+    pub fn apply_text(
+        &mut self,
+        key_id: NodeId,
+        key: &str,
+        version: u64,
+        text: Option<String>,
+    ) -> bool {
         self.update(key_id, key, |old| {
-            let newer = old.is_none_or(|r| (entry.version, entry.deleted) > (r.version, r.deleted));
-            // Encoded only when taken (a replication round mostly repeats what
-            // we hold); a tombstone keeps no value, whatever the copy carried.
-            newer.then(|| {
-                (
-                    entry.version,
-                    (!entry.deleted).then(|| entry.value.to_string()),
-                )
-            })
+            let new = rank(version, text.as_deref().map(str::as_bytes));
+            old.is_none_or(|r| new > r.rank())
+                .then_some((version, text))
         })
     }
 
@@ -480,10 +544,12 @@ impl Store {
             .flat_map(|(id, slot)| slot.records(*id).map(|(_, r)| r))
     }
 
-    /// Drops our copy of `key` if it is still at `version` (a copy this node no
-    /// longer needs, now held by the nodes that should). A newer copy that
-    /// arrived meanwhile is kept. Returns whether it was dropped.
-    pub fn remove_version(&mut self, key: &str, version: u64) -> bool {
+    /// Drops our copy of `key` if it is still the copy at `version` with value
+    /// `text` (`None`: a tombstone): a copy this node no longer needs, now held
+    /// by the nodes that should. Any other copy that arrived meanwhile is kept,
+    /// a value that won a same-version tie included: the nodes it was handed to
+    /// may not have that one. Returns whether it was dropped.
+    pub fn remove_copy(&mut self, key: &str, version: u64, text: Option<&str>) -> bool {
         let key_id = NodeId::for_key(key);
         let Some(slot) = self.slots.get_mut(&key_id) else {
             return false;
@@ -491,7 +557,7 @@ impl Store {
         let Some((range, r)) = slot.find(key_id, key) else {
             return false;
         };
-        if r.version != version {
+        if r.rank() != rank(version, text.map(str::as_bytes)) {
             return false;
         }
         let (live, bytes) = (!r.deleted, r.bytes());
@@ -556,17 +622,71 @@ mod tests {
     }
 
     #[test]
-    fn a_copy_is_dropped_only_at_the_version_it_was_handed_over() {
+    fn a_copy_is_dropped_only_if_it_is_the_one_handed_over() {
         let mut s = Store::new();
         s.write("a", Some(json!(1)), 10);
         s.write("b", Some(json!(2)), 10);
-        assert!(!s.remove_version("a", 9), "a newer copy is kept");
-        assert!(!s.remove_version("zz", 10), "no such key");
-        assert!(s.remove_version("a", 10));
+        assert!(!s.remove_copy("a", 9, Some("1")), "a newer copy is kept");
+        assert!(
+            !s.remove_copy("a", 10, Some("0")),
+            "a copy that won a tie at the same version is kept"
+        );
+        assert!(!s.remove_copy("a", 10, None), "a tombstone is another copy");
+        assert!(!s.remove_copy("zz", 10, Some("1")), "no such key");
+        assert!(s.remove_copy("a", 10, Some("1")));
         assert_eq!((s.get("a"), s.len(), s.bytes()), (None, 1, 2));
         s.delete_for_test("b", 11);
-        assert!(s.remove_version("b", 11));
+        assert!(s.remove_copy("b", 11, None));
         assert_eq!((s.len(), s.tombstones(), s.bytes()), (0, 0, 0));
+    }
+
+    /// Regression: copies were ordered by (version, tombstone) only, so two
+    /// values written at one version (two roots in one millisecond) never
+    /// replaced each other and replicas kept different values for good.
+    #[test]
+    fn copies_of_one_version_with_different_values_converge_to_one() {
+        let v = |value: Value| Versioned {
+            version: 7,
+            deleted: false,
+            value,
+        };
+        let pairs = [
+            (json!("red"), json!("blue")),
+            (json!(1), json!(2)),
+            (json!({"a": 1}), json!([1])),
+            (json!(null), json!(false)),
+            (json!("same prefix, longer"), json!("same prefix")),
+        ];
+        for (x, y) in pairs {
+            let (mut a, mut b) = (Store::new(), Store::new());
+            a.apply("k", v(x.clone()));
+            a.apply("k", v(y.clone()));
+            b.apply("k", v(y.clone()));
+            b.apply("k", v(x.clone()));
+            assert_eq!(a.get("k"), b.get("k"), "{x} vs {y}");
+            // The greater JSON text wins, and read repair, which orders the
+            // copies it fetches with `supersedes`, picks the same one.
+            let (text_x, text_y) = (x.to_string(), y.to_string());
+            let (winner, loser) = if text_x > text_y { (x, y) } else { (y, x) };
+            assert_eq!(a.get("k").as_ref(), Some(&winner));
+            assert!(v(winner.clone()).supersedes(&v(loser.clone())));
+            assert!(!v(loser.clone()).supersedes(&v(winner.clone())));
+            // The winner again is not news, and the loser is refused.
+            assert!(!a.apply("k", v(winner)));
+            assert!(!a.apply("k", v(loser)));
+        }
+        // A tombstone still beats any value at its version.
+        let mut s = Store::new();
+        s.apply("k", v(json!("zzz")));
+        let tombstone = Versioned {
+            version: 7,
+            deleted: true,
+            value: Value::Null,
+        };
+        assert!(tombstone.supersedes(&v(json!("zzz"))));
+        assert!(s.apply("k", tombstone));
+        assert!(!s.apply("k", v(json!("zzzz"))));
+        assert_eq!(s.get("k"), None);
     }
 
     #[test]
@@ -756,11 +876,6 @@ mod tests {
 
     #[test]
     fn caps_count_entries_and_bytes_and_let_a_full_store_shrink() {
-        let v = |value: Value| Versioned {
-            version: 1,
-            deleted: false,
-            value,
-        };
         let mut s = Store::new();
         // "ab" + "\"xyz\"": 2 + 5 bytes.
         s.write("ab", Some(json!("xyz")), 1);
@@ -769,27 +884,47 @@ mod tests {
         // Two entries at most, 20 bytes at most.
         let (keys, bytes) = (2, 20);
         assert!(
-            s.fits("cd", charge("cd", &v(json!(123456))), keys, bytes),
+            s.fits(
+                "cd",
+                charge("cd", Some(&json!(123456).to_string())),
+                keys,
+                bytes
+            ),
             "8 more: 15"
         );
         assert!(
-            !s.fits("cd", charge("cd", &v(json!("a long value"))), keys, bytes),
+            !s.fits(
+                "cd",
+                charge("cd", Some(&json!("a long value").to_string())),
+                keys,
+                bytes
+            ),
             "16 more: 23"
         );
         s.write("cd", Some(json!(123456)), 1);
         assert_eq!(s.bytes(), 15);
         assert!(
-            !s.fits("ef", charge("ef", &v(json!(1))), keys, bytes),
+            !s.fits("ef", charge("ef", Some(&json!(1).to_string())), keys, bytes),
             "a third entry"
         );
         // A key it holds may grow within the byte cap, and may always shrink or
         // be deleted.
         assert!(
-            s.fits("ab", charge("ab", &v(json!("xyzxyz"))), keys, bytes),
+            s.fits(
+                "ab",
+                charge("ab", Some(&json!("xyzxyz").to_string())),
+                keys,
+                bytes
+            ),
             "18 bytes"
         );
         assert!(
-            !s.fits("ab", charge("ab", &v(json!("xyzxyzxyz"))), keys, bytes),
+            !s.fits(
+                "ab",
+                charge("ab", Some(&json!("xyzxyzxyz").to_string())),
+                keys,
+                bytes
+            ),
             "21 bytes"
         );
         let tombstone = Versioned {
@@ -797,7 +932,7 @@ mod tests {
             deleted: true,
             value: Value::Null,
         };
-        assert!(s.fits("ab", charge("ab", &tombstone), 0, 0));
+        assert!(s.fits("ab", charge("ab", None), 0, 0));
         s.apply("ab", tombstone);
         assert_eq!(s.bytes(), 2 + 8, "a tombstone counts its key only");
         assert_eq!(s.entries(), 2, "and still counts as an entry");

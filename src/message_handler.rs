@@ -55,6 +55,10 @@ pub mod code {
     pub const STORE_FULL: i64 = -32006;
     /// The node is joining and its leaf set is not confirmed yet.
     pub const JOINING: i64 = -32007;
+    /// The root could not make the write the newest copy of its key: members of
+    /// the replica set hold a copy that outranks any version the root can give
+    /// (one planted with the highest version). The write is not acknowledged.
+    pub const CONFLICT: i64 = -32008;
 }
 
 /// Deepest nesting of arrays and objects accepted in a value. The parser stops at
@@ -369,6 +373,10 @@ pub enum Reply {
         applied: usize,
         #[serde(default)]
         refused: usize,
+        /// Copies not taken because this node holds one that outranks them: it
+        /// does not hold what was sent (absent from older nodes' replies).
+        #[serde(default)]
+        stale: usize,
     },
     /// The reply to `digest`: the buckets whose copies differ from the sender's.
     DigestDiff {
@@ -602,7 +610,7 @@ pub fn handle(node: &Node, request: Request, transport: &dyn Transport) -> Reply
             }
         }
         Request::Replicate { entries } => {
-            let (mut applied, mut refused) = (0, 0);
+            let (mut applied, mut refused, mut stale) = (0, 0, 0);
             for e in entries {
                 // Copies obey the limits a client's put does: a replicate is
                 // no way around them.
@@ -611,13 +619,26 @@ pub fn handle(node: &Node, request: Request, transport: &dyn Transport) -> Reply
                     refused += 1;
                     continue;
                 }
+                let sent = e.entry.clone();
                 match node.store_apply(&e.key, e.entry) {
                     Ok(true) => applied += 1,
-                    Ok(false) => {}
+                    // Not taken: either we hold this very copy already, or one
+                    // that outranks it. The root must know which, or it would
+                    // count us as holding a write we will never serve.
+                    Ok(false) => {
+                        let held = node.store_entry(&e.key);
+                        if held.is_none_or(|h| h.supersedes(&sent)) {
+                            stale += 1;
+                        }
+                    }
                     Err(StoreFull) => refused += 1,
                 }
             }
-            Reply::Replicated { applied, refused }
+            Reply::Replicated {
+                applied,
+                refused,
+                stale,
+            }
         }
         Request::Fetch { key } => Reply::Entry {
             entry: node.store_entry(&key),
@@ -880,11 +901,10 @@ fn deliver(node: &Node, op: Op, key_id: &NodeId, hops: u32, transport: &dyn Tran
     let owner = node.own().node_id;
     match op {
         Op::Put { key, value } => {
-            let entry = match node.store_write(&key, Some(value)) {
-                Ok(entry) => entry,
-                Err(StoreFull) => return store_full(node),
+            let replicas = match write_and_replicate(node, &key, Some(value), transport) {
+                Ok(n) => n,
+                Err(refused) => return refused.reply(node, &key),
             };
-            let replicas = 1 + replicate(node, &key, entry, transport);
             Reply::PutOk {
                 key_id: NodeId::for_key(&key),
                 key,
@@ -904,11 +924,10 @@ fn deliver(node: &Node, op: Op, key_id: &NodeId, hops: u32, transport: &dyn Tran
         },
         Op::Delete { key } => {
             let existed = newest_entry(node, &key, key_id, transport).is_some_and(|e| !e.deleted);
-            let tombstone = match node.store_write(&key, None) {
-                Ok(entry) => entry,
-                Err(StoreFull) => return store_full(node),
+            let replicas = match write_and_replicate(node, &key, None, transport) {
+                Ok(n) => n,
+                Err(refused) => return refused.reply(node, &key),
             };
-            let replicas = 1 + replicate(node, &key, tombstone, transport);
             Reply::Deleted {
                 existed,
                 key,
@@ -951,17 +970,84 @@ fn store_full(node: &Node) -> Reply {
     )
 }
 
-/// Sends the root's new `entry` for `key` to the other members of its replica
-/// set, and returns how many took it: the honest count behind `replicas`.
-fn replicate(node: &Node, key: &str, entry: Versioned, transport: &dyn Transport) -> usize {
+/// How many times the root writes again above a newer copy a replica showed it.
+const REWRITES: usize = 3;
+
+/// The root's write of `key` (`None`: a delete), made the newest copy of the key
+/// and sent to the rest of its replica set. Returns how many nodes hold it, the
+/// root included: the honest count behind `replicas`.
+///
+/// A replica may hold a copy that outranks the root's: the root lacked the key
+/// (it took over the key a moment ago) or its clock is behind the clock of the
+/// root that wrote before. Acknowledging anyway would lose the write as soon as
+/// anti-entropy spread that copy, so the root takes the newer copy in and writes
+/// again, with a version above it: the write a client is acknowledged is then
+/// the newest. If no version can be above it (a copy planted at the highest
+/// version), the write is refused with `CONFLICT` rather than acknowledged.
+fn write_and_replicate(
+    node: &Node,
+    key: &str,
+    value: Option<Value>,
+    transport: &dyn Transport,
+) -> Result<usize, WriteRefused> {
+    for _ in 0..REWRITES {
+        let entry = node
+            .store_write(key, value.clone())
+            .map_err(|StoreFull| WriteRefused::Full)?;
+        let (held, newer) = replicate(node, key, &entry, transport);
+        let Some(newer) = newer else {
+            return Ok(1 + held);
+        };
+        if entry.version == u64::MAX {
+            break;
+        }
+        // Taken in, so that the next write's version is above it.
+        node.store_apply(key, newer)
+            .map_err(|StoreFull| WriteRefused::Full)?;
+    }
+    Err(WriteRefused::Conflict)
+}
+
+/// Why the root did not acknowledge a write.
+enum WriteRefused {
+    Full,
+    Conflict,
+}
+
+impl WriteRefused {
+    fn reply(&self, node: &Node, key: &str) -> Reply {
+        match self {
+            WriteRefused::Full => store_full(node),
+            WriteRefused::Conflict => Reply::error(
+                code::CONFLICT,
+                format!(
+                    "conflict: members of {key:?}'s replica set hold a copy this write cannot outrank; the write is not acknowledged"
+                ),
+            ),
+        }
+    }
+}
+
+/// Sends the root's `entry` for `key` to the other members of its replica set.
+/// Returns how many of them hold it now, and, if some hold a copy that outranks
+/// it, the highest such copy.
+fn replicate(
+    node: &Node,
+    key: &str,
+    entry: &Versioned,
+    transport: &dyn Transport,
+) -> (usize, Option<Versioned>) {
     let own = node.own().node_id;
     let request = Request::Replicate {
         entries: vec![KeyEntry {
             key: key.to_string(),
-            entry,
+            entry: entry.clone(),
         }],
     };
-    let mut held = 0;
+    let fetch = Request::Fetch {
+        key: key.to_string(),
+    };
+    let (mut held, mut newer): (usize, Option<Versioned>) = (0, None);
     for peer in node.replica_set(&NodeId::for_key(key)) {
         if peer.node_id == own {
             continue;
@@ -969,12 +1055,29 @@ fn replicate(node: &Node, key: &str, entry: Versioned, transport: &dyn Transport
         match transport.call(&peer, &request) {
             // A replica that refused the copy (its store is full) does not hold
             // it, and is not counted.
-            Ok(Reply::Replicated { refused: 0, .. }) => held += 1,
+            Ok(Reply::Replicated {
+                refused: 0,
+                stale: 0,
+                ..
+            }) => held += 1,
+            Ok(Reply::Replicated { stale, .. }) if stale > 0 => {
+                if let Ok(Reply::Entry {
+                    entry: Some(theirs),
+                    ..
+                }) = transport.call(&peer, &fetch)
+                {
+                    if theirs.supersedes(entry)
+                        && newer.as_ref().is_none_or(|n| theirs.supersedes(n))
+                    {
+                        newer = Some(theirs);
+                    }
+                }
+            }
             Ok(_) => {}
             Err(_) => node.suspect(peer),
         }
     }
-    held
+    (held, newer)
 }
 
 /// Our entry for `key`, or, if we have none (we may have just become its root),

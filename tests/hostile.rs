@@ -29,10 +29,13 @@ const PEER_UNAVAILABLE: i64 = -32001;
 const HOP_CAP: i64 = -32002;
 const BAD_NODE: i64 = -32004;
 const STORE_FULL: i64 = -32006;
+/// A write refused because a planted copy (a fuzzed `replicate` with a huge
+/// version) outranks anything it could be.
+const CONFLICT: i64 = -32008;
 
 /// Every error code a node may answer a request line with (the line limit and
 /// `busy` close the connection and are tested in tests/protocol.rs).
-const CODES: [i64; 8] = [
+const CODES: [i64; 9] = [
     PARSE_ERROR,
     INVALID_REQUEST,
     UNKNOWN_TYPE,
@@ -41,6 +44,7 @@ const CODES: [i64; 8] = [
     HOP_CAP,
     BAD_NODE,
     STORE_FULL,
+    CONFLICT,
 ];
 
 /// An address on loopback where nothing listens (a port the OS gave us, then

@@ -234,6 +234,78 @@ fn replicas_with_different_values_at_one_version_converge() {
     }
 }
 
+/// A write is acknowledged only once it is the newest copy of its key. A
+/// replica may hold a copy with a higher version than the root would give (the
+/// root lacked the key, or its clock is behind); the root then takes that copy
+/// in, writes again above it, and every replica ends with the acknowledged
+/// value. Before, `put_ok` counted that replica as holding the write, and the
+/// newer copy soon replaced it everywhere. A copy at the highest version, which
+/// no write can outrank, gets the write refused rather than acknowledged.
+#[test]
+fn a_write_is_acknowledged_only_as_the_newest_copy() {
+    let c = LocalCluster::with(8, test_config(), Bootstrap::Random(13));
+    c.wait_for_ideal_leaf_sets(DEADLINE);
+    let k = "apple";
+    let set = replica_set(&c, k);
+    let member = |m: usize| c.index_of(&set[m]).unwrap();
+    let r = rpc(
+        c.addr(member(0)),
+        &json!({"type": "put", "key": k, "value": "red"}),
+    );
+    assert_eq!(r["replicas"], K, "{r}");
+    // A replica's copy from ten minutes ahead.
+    let ahead = c.node(member(1)).node().store_entry(k).unwrap().version + 600_000;
+    let r = rpc(
+        c.addr(member(1)),
+        &json!({"type": "replicate", "entries": [{"key": k, "version": ahead, "value": "ahead"}]}),
+    );
+    assert_eq!(r["applied"], 1, "{r}");
+    let live = c.live();
+    let r = rpc(
+        c.addr(live[0]),
+        &json!({"type": "put", "key": k, "value": "blue"}),
+    );
+    assert_eq!(r["type"], "put_ok", "{r}");
+    assert_eq!(r["replicas"], K, "{r}");
+    for m in 0..K {
+        let e = c.node(member(m)).node().store_entry(k).unwrap();
+        assert!(
+            e.value == "blue" && e.version > ahead,
+            "replica {m} holds {e:?} right after the put was acknowledged"
+        );
+    }
+    // The same for a delete.
+    let r = rpc(
+        c.addr(member(2)),
+        &json!({"type": "replicate", "entries": [{"key": k, "version": ahead + 600_000, "value": "ahead"}]}),
+    );
+    assert_eq!(r["applied"], 1, "{r}");
+    let r = rpc(c.addr(live[1]), &json!({"type": "delete", "key": k}));
+    assert_eq!(r["type"], "deleted", "{r}");
+    assert_eq!(r["replicas"], K, "{r}");
+    for m in 0..K {
+        let e = c.node(member(m)).node().store_entry(k).unwrap();
+        assert!(e.deleted, "replica {m} holds {e:?} after the delete");
+    }
+    // Pinned: no version is above u64::MAX, and "\"pinned\"" outranks
+    // "\"green\"" at one version.
+    let r = rpc(
+        c.addr(member(1)),
+        &json!({"type": "replicate", "entries": [{"key": k, "version": u64::MAX, "value": "pinned"}]}),
+    );
+    assert_eq!(r["applied"], 1, "{r}");
+    let r = rpc(
+        c.addr(live[2]),
+        &json!({"type": "put", "key": k, "value": "green"}),
+    );
+    assert_eq!(r["type"], "error", "{r}");
+    assert_eq!(r["code"], -32008, "{r}");
+    for i in c.live() {
+        let r = rpc(c.addr(i), &json!({"type": "stats"}));
+        assert_eq!(r["type"], "stats", "node {i} still serves: {r}");
+    }
+}
+
 /// A tombstone expires once its lifetime has passed, on every replica, and the
 /// deleted value does not come back.
 #[test]

@@ -379,7 +379,11 @@ fn send(
 ) -> Option<(usize, usize)> {
     let count = entries.len();
     match transport.call(&peer, &Request::Replicate { entries }) {
-        Ok(Reply::Replicated { applied, refused }) => {
+        // A peer that holds a copy outranking ours (`stale`) has something newer
+        // than what we would hand over: ours may go.
+        Ok(Reply::Replicated {
+            applied, refused, ..
+        }) => {
             node.count_replicated(applied as u64);
             log::debug!(
                 "{applied} of {count} copies taken by {} ({refused} refused)",

@@ -95,6 +95,18 @@ fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
 }
 
 /// A whole number of at least `min`, for option `name`.
+/// The longest period or timeout a flag takes: a day. Longer would be a typo
+/// (and a heartbeat of 2^64 ms is a node that never checks its neighbours).
+const MAX_MS: u64 = 86_400_000;
+
+/// A flag's value in milliseconds, `min..=MAX_MS`.
+fn millis(name: &str, s: &str, min: u64) -> Result<u64, String> {
+    s.parse()
+        .ok()
+        .filter(|n: &u64| (min..=MAX_MS).contains(n))
+        .ok_or_else(|| format!("{name} {s:?}: expected milliseconds, {min} to {MAX_MS} (a day)"))
+}
+
 fn count(name: &str, s: &str, min: usize) -> Result<usize, String> {
     s.parse()
         .ok()
@@ -140,17 +152,10 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
             }
             // --tick-ms is the older name.
             "--heartbeat-ms" | "--tick-ms" => {
-                let v = value(arg)?;
-                tick_ms =
-                    v.parse().ok().filter(|n: &u64| *n >= 10).ok_or_else(|| {
-                        format!("{arg} {v:?}: expected milliseconds, at least 10")
-                    })?;
+                tick_ms = millis(arg, &value(arg)?, 10)?;
             }
             "--timeout-ms" => {
-                let v = value("--timeout-ms")?;
-                timeout_ms = v.parse().ok().filter(|n: &u64| *n >= 10).ok_or_else(|| {
-                    format!("--timeout-ms {v:?}: expected milliseconds, at least 10")
-                })?;
+                timeout_ms = millis(arg, &value(arg)?, 10)?;
             }
             "--log-level" => log_level = Some(parse_level(&value("--log-level")?)?),
             "--discovery-width" => limits.discovery_width = count(arg, &value(arg)?, 0)?,
@@ -165,10 +170,10 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
                     .map_err(|_| format!("{arg}: at most {}", u32::MAX))?
             }
             "--line-timeout-ms" => {
-                limits.line_timeout = Duration::from_millis(count(arg, &value(arg)?, 1)? as u64)
+                limits.line_timeout = Duration::from_millis(millis(arg, &value(arg)?, 1)?)
             }
             "--idle-timeout-ms" => {
-                limits.client_timeout = Duration::from_millis(count(arg, &value(arg)?, 1)? as u64)
+                limits.client_timeout = Duration::from_millis(millis(arg, &value(arg)?, 1)?)
             }
             // "-1" where a port goes is a bad port, not an unknown option.
             s if s.starts_with('-') && s[1..].parse::<i64>().is_ok() => {

@@ -237,6 +237,19 @@ fn usage_errors_exit_two_with_a_short_message() {
         ),
         (&["127.0.0.1", "4000", "--timeout-ms", "0"], "--timeout-ms"),
         (
+            &[
+                "127.0.0.1",
+                "4000",
+                "--heartbeat-ms",
+                "18446744073709551615",
+            ],
+            "a day",
+        ),
+        (
+            &["127.0.0.1", "4000", "--idle-timeout-ms", "86400001"],
+            "a day",
+        ),
+        (
             &["127.0.0.1", "4000", "--timeout-ms", "soon"],
             "--timeout-ms",
         ),

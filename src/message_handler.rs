@@ -547,22 +547,27 @@ fn hop_cap_message(max_hops: u32) -> String {
 
 /// Encodes a reply as one line, `\n` included, echoing the client's `id`.
 pub fn encode(reply: &Reply, id: Option<Value>) -> Vec<u8> {
-    // Most lines carry no `id` (nodes never send one): encode those directly,
-    // without building a `Value` first.
-    let mut out = match id {
-        None => serde_json::to_vec(reply),
-        Some(id) => match serde_json::to_value(reply) {
-            Ok(Value::Object(mut obj)) => {
-                obj.insert("id".to_string(), id);
-                serde_json::to_vec(&Value::Object(obj))
+    // A reply is a JSON object; the client's `id` goes in as its last field, so
+    // that the fields keep their order (`type` first), as in replies without
+    // one. (Going through a `Value` would sort them.)
+    let mut out = serde_json::to_vec(reply)
+        .and_then(|mut out| {
+            if let Some(id) = id {
+                if out.last() == Some(&b'}') {
+                    out.pop();
+                    out.extend_from_slice(b",\"id\":");
+                    serde_json::to_writer(&mut out, &id)?;
+                    out.push(b'}');
+                }
             }
-            _ => serde_json::to_vec(reply),
-        },
-    }
-    .unwrap_or_else(|e| {
-        format!("{{\"type\":\"error\",\"code\":-32000,\"message\":\"cannot encode reply: {e}\"}}")
+            Ok(out)
+        })
+        .unwrap_or_else(|e| {
+            format!(
+                "{{\"type\":\"error\",\"code\":-32000,\"message\":\"cannot encode reply: {e}\"}}"
+            )
             .into_bytes()
-    });
+        });
     out.push(b'\n');
     out
 }
@@ -1236,6 +1241,24 @@ mod tests {
             Err(r) => r.code,
             other => panic!("{line}: expected an error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn an_echoed_id_keeps_the_type_first() {
+        let reply = Reply::Pong {
+            node_id: NodeId::for_key("n"),
+            addr: "127.0.0.1:4000".parse().unwrap(),
+        };
+        let line =
+            String::from_utf8(encode(&reply, Some(serde_json::json!({"k": [1, "x"]})))).unwrap();
+        assert!(
+            line.starts_with("{\"type\":\"pong\",\"node_id\":"),
+            "{line}"
+        );
+        assert!(line.ends_with(",\"id\":{\"k\":[1,\"x\"]}}\n"), "{line}");
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["id"], serde_json::json!({"k": [1, "x"]}));
+        assert_eq!(v["addr"], "127.0.0.1:4000");
     }
 
     #[test]

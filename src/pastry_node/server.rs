@@ -104,8 +104,10 @@ pub struct Server {
 #[derive(Default)]
 struct Connections {
     next: AtomicU64,
-    /// A clone of each open stream, to shut it down when the node stops.
-    open: Mutex<HashMap<u64, TcpStream>>,
+    /// Each open stream, shared with the thread that serves it, to shut it down
+    /// when the node stops. Shared rather than cloned: a clone is one more
+    /// descriptor per connection, and a node serves hundreds.
+    open: Mutex<HashMap<u64, Arc<TcpStream>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -200,19 +202,18 @@ fn accept_loop(
             continue;
         }
         let id = conns.next.fetch_add(1, Ordering::Relaxed);
-        if let Ok(clone) = stream.try_clone() {
-            conns
-                .open
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id, clone);
-        }
+        let stream = Arc::new(stream);
+        conns
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, stream.clone());
         let (node, transport, conns2) = (node.clone(), transport.clone(), conns.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("conn-{id}"))
             .spawn(move || {
                 node.connection_opened();
-                serve_connection(stream, &node, transport.as_ref());
+                serve_connection(&stream, &node, transport.as_ref());
                 node.connection_closed();
                 conns2
                     .open
@@ -225,7 +226,16 @@ fn accept_loop(
         threads.retain(|t| !t.is_finished());
         match spawned {
             Ok(t) => threads.push(t),
-            Err(e) => log::warn!("cannot start a connection thread: {e}"),
+            Err(e) => {
+                log::warn!("cannot start a connection thread: {e}");
+                // Nobody serves it: close it now, or its entry would keep it open.
+                drop(threads);
+                conns
+                    .open
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+            }
         }
     }
 }
@@ -235,18 +245,26 @@ fn accept_loop(
 pub const NODE_LINE_HEADROOM: usize = 64 * 1024;
 
 /// Answers every line on one connection until the client closes it.
-fn serve_connection(stream: TcpStream, node: &Node, transport: &dyn Transport) {
+fn serve_connection(stream: &TcpStream, node: &Node, transport: &dyn Transport) {
     let _ = stream.set_nodelay(true);
     // A client that says nothing is let go after the client timeout, so that
     // it cannot hold a thread forever; one that has begun a line must finish
     // it within the (shorter) line timeout, however slowly it trickles in.
+    //
+    // Other nodes are held to the same timeout, and need no shorter one: a node
+    // keeps at most `transport::MAX_IDLE` idle connections and closes the ones
+    // it evicts, which ends their threads here at once. So what idle peers hold
+    // here is bounded by their pools, and the timeout only reclaims connections
+    // whose node vanished without closing them. Closing a connection a peer
+    // still keeps costs it no error: its next call finds it closed and is sent
+    // again on a fresh one.
     let idle = node.config().client_timeout;
     let line_timeout = node.config().line_timeout;
     let _ = stream.set_read_timeout(Some(idle));
     let _ = stream.set_write_timeout(Some(idle));
-    let Ok(mut writer) = stream.try_clone() else {
-        return;
-    };
+    // Reads and writes share the one descriptor (`&TcpStream` is both `Read`
+    // and `Write`) instead of a clone each.
+    let mut writer = stream;
     let limit = node.config().max_line;
     let mut reader = BufReader::new(stream);
     let mut line = Vec::new();

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use pastry::pastry_node::{Config, RunningNode};
+use pastry::pastry_node::{server, Config, RunningNode};
 
 const USAGE: &str = "usage: pastry-node <ip> <port> [<bootstrap-ip> <bootstrap-port>] [--leaf-set N] [--replicas K] [--heartbeat-ms MS] [--timeout-ms MS] [--discovery-width N] [--log-level LEVEL] [limits: --max-line B --max-key B --max-value B --max-keys N --max-store-bytes B --max-connections N --max-hops N --line-timeout-ms MS --idle-timeout-ms MS]";
 
@@ -251,6 +251,23 @@ fn init_logging(level: log::LevelFilter) {
     let _ = simplelog::TermLogger::init(level, config, simplelog::TerminalMode::Stderr, color);
 }
 
+/// Warns if the open-file limit is below what a node serving `max_connections`
+/// may hold: at the limit it could neither accept nor call, and would fail
+/// peers and clients with errors far from the cause.
+fn warn_if_few_open_files(max_connections: usize) {
+    let Some((soft, _)) = server::open_file_limits() else {
+        return;
+    };
+    let need = max_connections as u64 + server::NODE_DESCRIPTORS;
+    if soft < need {
+        log::warn!(
+            "the open-file limit is {soft}, and with --max-connections {max_connections} this node \
+             may need {need}; raise it with `ulimit -n {need}` before starting the node, \
+             or lower --max-connections"
+        );
+    }
+}
+
 fn run(opts: Box<Options>) -> Result<ExitCode, String> {
     init_logging(opts.log_level);
     let listener =
@@ -262,6 +279,7 @@ fn run(opts: Box<Options>) -> Result<ExitCode, String> {
         call_timeout: Duration::from_millis(opts.timeout_ms),
         ..opts.limits
     };
+    warn_if_few_open_files(config.max_connections);
     let mut node = RunningNode::start(listener, config)
         .map_err(|e| format!("cannot start the node on {}: {e}", opts.addr))?;
     log::info!("listening on {} as node {}", node.addr(), node.id());

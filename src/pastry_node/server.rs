@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::transport::Transport;
+use super::transport::{Transport, MAX_IDLE};
 use super::Node;
 use crate::message_handler::{code, decode, encode, handle, Reply};
 
@@ -240,6 +240,33 @@ fn accept_loop(
     }
 }
 
+/// Descriptors a node holds besides one for each connection it serves: its
+/// listener, the idle connections its transport keeps, the calls it has in
+/// flight (a heartbeat makes up to 16 at once) and the process's own
+/// (standard streams, the log).
+pub const NODE_DESCRIPTORS: u64 = 1 + MAX_IDLE as u64 + 16 + 32;
+
+/// The process's limits on open files, soft and hard (`ulimit -n` shows the
+/// soft one, and may raise it up to the hard one), read from
+/// `/proc/self/limits`: `None` where that cannot be read (not Linux). Each
+/// connection a node serves or keeps costs a descriptor, so a program can
+/// check before it starts nodes that it will not run out halfway.
+pub fn open_file_limits() -> Option<(u64, u64)> {
+    parse_open_file_limits(&std::fs::read_to_string("/proc/self/limits").ok()?)
+}
+
+/// The "Max open files" line of a `/proc/<pid>/limits` text; "unlimited" is
+/// `u64::MAX`.
+fn parse_open_file_limits(limits: &str) -> Option<(u64, u64)> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let value = |v: &str| match v {
+        "unlimited" => Some(u64::MAX),
+        v => v.parse().ok(),
+    };
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    Some((value(fields.next()?)?, value(fields.next()?)?))
+}
+
 /// Room kept free in every line limit for what nodes add to a client's request
 /// as it travels: a `forward` wraps it, a reply adds the owner and hop count.
 pub const NODE_LINE_HEADROOM: usize = 64 * 1024;
@@ -327,6 +354,31 @@ mod tests {
             if stop {
                 return out;
             }
+        }
+    }
+
+    #[test]
+    fn open_file_limits_from_proc() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max processes             63445                63445                processes \n\
+                      Max open files            1024                 524288               files     \n";
+        assert_eq!(parse_open_file_limits(limits), Some((1024, 524288)));
+        let unlimited =
+            "Max open files            unlimited            unlimited            files\n";
+        assert_eq!(
+            parse_open_file_limits(unlimited),
+            Some((u64::MAX, u64::MAX))
+        );
+        assert_eq!(
+            parse_open_file_limits("Max processes 10 10 processes\n"),
+            None
+        );
+        assert_eq!(
+            parse_open_file_limits("Max open files  many  files\n"),
+            None
+        );
+        if cfg!(target_os = "linux") {
+            assert!(open_file_limits().is_some());
         }
     }
 

@@ -211,6 +211,7 @@ fn accept_loop(
         let (node, transport, conns2) = (node.clone(), transport.clone(), conns.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("conn-{id}"))
+            .stack_size(super::transport::THREAD_STACK)
             .spawn(move || {
                 node.connection_opened();
                 serve_connection(&stream, &node, transport.as_ref());

@@ -142,6 +142,15 @@ pub const IDLE_PER_PEER: usize = 2;
 /// only 32 lets the 200-node demo fit within a limit of 20,000 open files.
 pub const MAX_IDLE: usize = 32;
 
+/// The stack of each thread a node starts per connection or per parallel call.
+/// Rust's default is 2 MiB; glibc keeps about 40 MiB of freed stacks for reuse,
+/// so at 2 MiB only some 20 are reused and every further thread costs an `mmap`
+/// and a `munmap`, which take the process's memory-map lock and interrupt the
+/// other cores (TLB shootdowns). With 100 nodes in one process (the demo) that,
+/// not Pastry, took most of the CPU. These threads parse at most a line (64
+/// levels of nesting) and route it: 256 KiB is ample.
+pub(crate) const THREAD_STACK: usize = 256 * 1024;
+
 /// At most this many calls of one [`Transport::call_all`] are in flight at once
 /// over TCP (each has a thread of its own).
 const PARALLEL_CALLS: usize = 16;
@@ -339,6 +348,7 @@ impl Transport for TcpTransport {
                     .iter()
                     .map(|(to, request)| {
                         std::thread::Builder::new()
+                            .stack_size(THREAD_STACK)
                             .spawn_scoped(s, move || self.call_within(to, request, timeout))
                             .map_err(|_| (to, request))
                     })

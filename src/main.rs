@@ -46,7 +46,7 @@ LIMITS (what a node accepts; see \"Limits and security\" in the README):
     --max-value B          largest value, in bytes as JSON (default 65536)
     --max-keys N           most entries stored, tombstones included (default 1000000)
     --max-store-bytes B    most bytes stored, keys plus values (default 268435456)
-    --max-connections N    most connections served at once (default 1024)
+    --max-connections N    most connections served at once (default 900)
     --max-hops N           most forwards of one message (default 64)
     --line-timeout-ms MS   a begun line must be whole within this (default 10000)
     --idle-timeout-ms MS   a silent connection is closed after this (default 60000)

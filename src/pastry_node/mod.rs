@@ -117,7 +117,11 @@ impl Default for Config {
             connect_timeout: Duration::from_millis(1000),
             call_timeout: Duration::from_millis(5000),
             max_line: 1 << 20,
-            max_connections: 1024,
+            // Below the common open-file limit of 1024 by what a node holds
+            // besides (`server::NODE_DESCRIPTORS`): past its own cap a node
+            // answers `busy`; past the descriptor limit it could only fail to
+            // accept, and the client would hear nothing.
+            max_connections: 900,
             client_timeout: Duration::from_secs(60),
             replicas: 3,
             replication_period_ticks: 10,

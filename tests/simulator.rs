@@ -32,12 +32,17 @@ struct Figures {
     failed: usize,
 }
 
+/// A random live node to start from and a random key, from the network's seed.
+fn random_lookup(net: &mut Network, ring: &[(NodeId, usize)]) -> (usize, String) {
+    let from = ring[net.rng().below(ring.len())].1;
+    (from, format!("key-{:016x}", net.rng().next_u64()))
+}
+
 fn lookups(net: &mut Network, count: usize, settle: bool) -> Figures {
     let ring = net.ring();
     let (mut total, mut max, mut misdelivered, mut failed) = (0u64, 0u32, 0usize, 0usize);
     for _ in 0..count {
-        let from = ring[net.rng().below(ring.len())].1;
-        let key = format!("key-{:016x}", net.rng().next_u64());
+        let (from, key) = random_lookup(net, &ring);
         let l = net.lookup(&ring, from, &key);
         if l.failed {
             failed += 1;
@@ -102,8 +107,7 @@ fn a_2000_node_network_routes_like_the_paper() {
     let ring = net.ring();
     let (mut ours, mut ideal, mut ours_above, mut ideal_above) = (0u64, 0u64, 0usize, 0usize);
     for _ in 0..LOOKUPS {
-        let from = ring[net.rng().below(ring.len())].1;
-        let key = format!("key-{:016x}", net.rng().next_u64());
+        let (from, key) = random_lookup(&mut net, &ring);
         let l = net.lookup(&ring, from, &key);
         let r = reference
             .lookup(from, &NodeId::for_key(&key))
@@ -221,8 +225,7 @@ fn stretch(net: &mut Network, count: usize) -> f64 {
     let ring = net.ring();
     let (mut travelled, mut direct) = (0.0, 0.0);
     for _ in 0..count {
-        let from = ring[net.rng().below(ring.len())].1;
-        let key = format!("key-{:016x}", net.rng().next_u64());
+        let (from, key) = random_lookup(net, &ring);
         if let Some((t, d)) = net.lookup(&ring, from, &key).stretch {
             travelled += t;
             direct += d;

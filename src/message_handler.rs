@@ -995,9 +995,10 @@ fn write_and_replicate(
     value: Option<Value>,
     transport: &dyn Transport,
 ) -> Result<usize, WriteRefused> {
+    let mut value = value;
     for _ in 0..REWRITES {
         let entry = node
-            .store_write(key, value.clone())
+            .store_write(key, value.take())
             .map_err(|StoreFull| WriteRefused::Full)?;
         let (held, newer) = replicate(node, key, &entry, transport);
         let Some(newer) = newer else {
@@ -1009,6 +1010,8 @@ fn write_and_replicate(
         // Taken in, so that the next write's version is above it.
         node.store_apply(key, newer)
             .map_err(|StoreFull| WriteRefused::Full)?;
+        // The value to write again is the one the write just stored.
+        value = (!entry.deleted).then_some(entry.value);
     }
     Err(WriteRefused::Conflict)
 }

@@ -427,16 +427,18 @@ impl Rejection {
 /// Decodes one line (without its terminator). On failure, says what to answer.
 pub fn decode(line: &[u8]) -> Result<Envelope, Rejection> {
     let reject = |id: Option<Value>, code: i64, message: String| Rejection { id, code, message };
-    let value: Value = serde_json::from_slice(line).map_err(|e| {
-        reject(
+    let top: TopLevel = serde_json::from_slice(line).map_err(|e| match e.classify() {
+        // Well-formed JSON that names a field twice (`TopLevel`'s own error).
+        serde_json::error::Category::Data => reject(None, code::INVALID_REQUEST, e.to_string()),
+        _ => reject(
             None,
             code::PARSE_ERROR,
             format!(
                 "malformed JSON ({e}); send one JSON object per line, e.g. {{\"type\":\"ping\"}}"
             ),
-        )
+        ),
     })?;
-    let Value::Object(mut obj) = value else {
+    let TopLevel(Some(mut obj)) = top else {
         return Err(reject(
             None,
             code::INVALID_REQUEST,
@@ -479,6 +481,62 @@ pub fn decode(line: &[u8]) -> Result<Envelope, Rejection> {
             code::INVALID_PARAMS,
             format!("invalid {kind:?} request: {e}; send {{\"type\":\"help\"}} for every request's fields"),
         )),
+    }
+}
+
+/// A request line's outer JSON value: its fields if it is an object (`None` for
+/// any other JSON value), refused if a field appears twice. Which of two `key`s
+/// a node would act on is not something a client should have to guess (a plain
+/// `Value` keeps the last one silently). Values inside the fields are parsed as
+/// usual.
+struct TopLevel(Option<Map<String, Value>>);
+
+impl<'de> Deserialize<'de> for TopLevel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<TopLevel, D::Error> {
+        use serde::de::{Error, IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct Fields;
+        impl<'de> Visitor<'de> for Fields {
+            type Value = TopLevel;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TopLevel, A::Error> {
+                let mut fields = Map::new();
+                while let Some(name) = map.next_key::<String>()? {
+                    if fields.contains_key(&name) {
+                        return Err(A::Error::custom(format!(
+                            "the field {name:?} appears twice; send each field once"
+                        )));
+                    }
+                    let value: Value = map.next_value()?;
+                    fields.insert(name, value);
+                }
+                Ok(TopLevel(Some(fields)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TopLevel, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(TopLevel(None))
+            }
+            fn visit_bool<E: Error>(self, _: bool) -> Result<TopLevel, E> {
+                Ok(TopLevel(None))
+            }
+            fn visit_i64<E: Error>(self, _: i64) -> Result<TopLevel, E> {
+                Ok(TopLevel(None))
+            }
+            fn visit_u64<E: Error>(self, _: u64) -> Result<TopLevel, E> {
+                Ok(TopLevel(None))
+            }
+            fn visit_f64<E: Error>(self, _: f64) -> Result<TopLevel, E> {
+                Ok(TopLevel(None))
+            }
+            fn visit_str<E: Error>(self, _: &str) -> Result<TopLevel, E> {
+                Ok(TopLevel(None))
+            }
+            fn visit_unit<E: Error>(self) -> Result<TopLevel, E> {
+                Ok(TopLevel(None))
+            }
+        }
+        d.deserialize_any(Fields)
     }
 }
 
@@ -1246,6 +1304,27 @@ mod tests {
         }
     }
 
+    /// A field named twice at the top is refused, saying which; inside a value,
+    /// an object is JSON like any other (the last of a repeated name stands).
+    #[test]
+    fn a_field_named_twice_is_refused_but_values_are_left_alone() {
+        match decode(br#"{"type":"put","key":"a","value":1,"key":"b"}"#) {
+            Err(r) => assert!(r.message.contains("\"key\" appears twice"), "{}", r.message),
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+        let ok = decode(br#"{"type":"put","key":"a","value":{"x":1,"x":2},"id":7}"#);
+        assert!(
+            matches!(
+                ok,
+                Ok(Envelope {
+                    request: Request::Put { .. },
+                    ..
+                })
+            ),
+            "{ok:?}"
+        );
+    }
+
     #[test]
     fn an_echoed_id_keeps_the_type_first() {
         let reply = Reply::Pong {
@@ -1273,6 +1352,10 @@ mod tests {
             ("\"ping\"", code::INVALID_REQUEST),
             ("{}", code::INVALID_REQUEST),
             ("{\"type\":5}", code::INVALID_REQUEST),
+            ("null", code::INVALID_REQUEST),
+            ("[[1],{\"a\":2}]", code::INVALID_REQUEST),
+            ("{\"type\":\"get\",\"key\":\"a\",\"key\":\"b\"}", code::INVALID_REQUEST),
+            ("{\"type\":\"get\",\"type\":\"get\",\"key\":\"a\"}", code::INVALID_REQUEST),
             ("{\"type\":\"fly\"}", code::UNKNOWN_TYPE),
             ("{\"type\":\"put\",\"key\":\"a\"}", code::INVALID_PARAMS),
             ("{\"type\":\"put\",\"key\":5,\"value\":1}", code::INVALID_PARAMS),

@@ -26,7 +26,7 @@ use crate::pastry_node::router::Route;
 use crate::pastry_node::store::json_len;
 use crate::pastry_node::store::Versioned;
 use crate::pastry_node::transport::Transport;
-use crate::pastry_node::{Config, KeyEntry, Node, StoreFull};
+use crate::pastry_node::{Config, KeyEntry, Node, Offer, StoreFull};
 use crate::utils::{NodeId, NodeInfo};
 
 /// JSON-RPC 2.0 error codes, as the client protocol promises.
@@ -682,18 +682,12 @@ pub fn handle(node: &Node, request: Request, transport: &dyn Transport) -> Reply
                     refused += 1;
                     continue;
                 }
-                let sent = e.entry.clone();
-                match node.store_apply(&e.key, e.entry) {
-                    Ok(true) => applied += 1,
-                    // Not taken: either we hold this very copy already, or one
-                    // that outranks it. The root must know which, or it would
-                    // count us as holding a write we will never serve.
-                    Ok(false) => {
-                        let held = node.store_entry(&e.key);
-                        if held.is_none_or(|h| h.supersedes(&sent)) {
-                            stale += 1;
-                        }
-                    }
+                match node.store_offer(&e.key, &e.entry) {
+                    Ok(Offer::Taken) => applied += 1,
+                    Ok(Offer::AlreadyHeld) => {}
+                    // We hold a copy that outranks it. The root must know, or it
+                    // would count us as holding a write we will never serve.
+                    Ok(Offer::NotKept) => stale += 1,
                     Err(StoreFull) => refused += 1,
                 }
             }
@@ -1066,7 +1060,7 @@ fn write_and_replicate(
             break;
         }
         // Taken in, so that the next write's version is above it.
-        node.store_apply(key, newer)
+        node.store_apply(key, &newer)
             .map_err(|StoreFull| WriteRefused::Full)?;
         // The value to write again is the one the write just stored.
         value = (!entry.deleted).then_some(entry.value);
@@ -1194,7 +1188,7 @@ fn newest_entry(
     }
     if let Some(e) = &newest {
         // A full store answers with the value without keeping it.
-        let _ = node.store_apply(key, e.clone());
+        let _ = node.store_apply(key, e);
     }
     newest
 }

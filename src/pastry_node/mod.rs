@@ -153,6 +153,18 @@ pub const MAX_PENDING_PROBES: usize = 1024;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StoreFull;
 
+/// What became of a copy offered to the store ([`Node::store_offer`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offer {
+    /// It replaced what the store held, or was the first copy.
+    Taken,
+    /// The store holds this very copy (same version, tombstone flag and value).
+    AlreadyHeld,
+    /// The store holds a copy that outranks it (or it is an expired tombstone):
+    /// this node does not hold what was offered.
+    NotKept,
+}
+
 /// Counters shown by `stats`.
 #[derive(Default)]
 struct Stats {
@@ -780,11 +792,18 @@ impl Node {
     /// ([`store::rank`]: newer, or the winner of a same-version tie). Returns
     /// whether it was taken; `Err` if it ranks above ours but would take the
     /// store past its caps.
-    pub fn store_apply(&self, key: &str, entry: Versioned) -> Result<bool, StoreFull> {
+    pub fn store_apply(&self, key: &str, entry: &Versioned) -> Result<bool, StoreFull> {
+        self.store_offer(key, entry).map(|o| o == Offer::Taken)
+    }
+
+    /// [`Node::store_apply`], saying why a copy was not taken: the comparison
+    /// of ranks is made here, under the store's lock, so a caller need not read
+    /// the key back to learn it.
+    pub fn store_offer(&self, key: &str, entry: &Versioned) -> Result<Offer, StoreFull> {
         // A tombstone past its lifetime has been dropped here, or soon will be:
         // taking it back in would only start another round of expiry.
         if entry.deleted && entry.version < self.tombstone_cutoff() {
-            return Ok(false);
+            return Ok(Offer::NotKept);
         }
         let c = &self.shared.config;
         // Encoded before the lock is taken: the text is what the store keeps,
@@ -797,8 +816,10 @@ impl Node {
         let rank = store::rank(entry.version, bytes);
         let mut store = self.store_mut();
         let old = store.record_at(key_id, key);
-        if old.is_some_and(|r| rank <= r.rank()) {
-            return Ok(false);
+        match old.map(|r| rank.cmp(&r.rank())) {
+            Some(std::cmp::Ordering::Equal) => return Ok(Offer::AlreadyHeld),
+            Some(std::cmp::Ordering::Less) => return Ok(Offer::NotKept),
+            _ => {}
         }
         if !store.fits(key, charge, c.max_store_keys, c.max_store_bytes) {
             return Err(StoreFull);
@@ -808,8 +829,10 @@ impl Node {
         drop(store);
         if applied {
             self.digest_change(&key_id, old, Some(new));
+            Ok(Offer::Taken)
+        } else {
+            Ok(Offer::NotKept)
         }
-        Ok(applied)
     }
 
     /// Tombstones with a version below this have outlived `tombstone_ttl`.
@@ -1450,14 +1473,14 @@ mod tests {
                         deleted: false,
                         value: json!("copy"),
                     };
-                    node.store_apply(&format!("new{i}"), copy).unwrap();
+                    node.store_apply(&format!("new{i}"), &copy).unwrap();
                 }
                 _ => {
                     // Same version, greater text (`{` sorts above digits):
                     // replaces the value only.
                     let mut copy = node.store_entry(&format!("k{i}")).unwrap();
                     copy.value = json!({ "tie": i });
-                    assert!(node.store_apply(&format!("k{i}"), copy).unwrap());
+                    assert!(node.store_apply(&format!("k{i}"), &copy).unwrap());
                 }
             }
         }
